@@ -1,0 +1,1 @@
+"""POET math in plain PyTorch: nothing in this package knows about Megatron."""

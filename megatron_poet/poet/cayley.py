@@ -1,0 +1,94 @@
+"""Orthogonal blocks from skew-symmetric parameters (Cayley and Cayley–Neumann).
+
+A block of size ``b`` is parameterized by the strict upper triangle of a
+skew-symmetric ``Q`` (``b(b-1)/2`` numbers, "packed"). The orthogonal block is
+the Cayley transform ``G = (I + Q)(I - Q)^-1``; POET replaces the inverse by a
+truncated Neumann series of order ``k``:
+
+    G_k = (I + Q)(I + Q + Q^2 + ... + Q^k)        (k=3: I + 2Q + 2Q^2 + 2Q^3 + Q^4)
+
+Since ``(I - Q)(I + ... + Q^k) = I - Q^(k+1)``, ``G_k = C (I - Q^(k+1))`` with
+``C`` the exact Cayley block, so ``G_k^T G_k - I = (I - Q^(k+1))^T (I - Q^(k+1)) - I``:
+first order in ``Q^(k+1)`` for odd ``k`` (``Q^(k+1)`` symmetric), second order for
+even ``k`` (``Q^(k+1)`` skew, the linear terms cancel). The periodic merge keeps
+``Q`` small so the error stays small; :func:`orthogonality_error` measures it.
+"""
+from __future__ import annotations
+
+import torch
+
+_TRIU_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def num_skew_params(block_size: int) -> int:
+    """Packed parameter count of one ``block_size x block_size`` skew matrix."""
+    return block_size * (block_size - 1) // 2
+
+
+def _triu_indices(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (block_size, device)
+    if key not in _TRIU_CACHE:
+        rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=device)
+        _TRIU_CACHE[key] = (rows, cols)
+    return _TRIU_CACHE[key]
+
+
+def skew_from_packed(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Skew-symmetric blocks from their packed strict upper triangles.
+
+    Args:
+        packed: ``(num_blocks, block_size*(block_size-1)/2)``, row-major order of
+            ``torch.triu_indices(b, b, 1)``.
+    Returns:
+        ``Q`` of shape ``(num_blocks, block_size, block_size)`` with ``Q = -Q^T``.
+    """
+    if packed.dim() != 2 or packed.shape[1] != num_skew_params(block_size):
+        raise ValueError(
+            f"packed skew parameters must have shape (num_blocks, {num_skew_params(block_size)}) "
+            f"for block_size={block_size}, got {tuple(packed.shape)}"
+        )
+    rows, cols = _triu_indices(block_size, packed.device)
+    upper = packed.new_zeros(packed.shape[0], block_size, block_size)
+    upper[:, rows, cols] = packed
+    return upper - upper.transpose(1, 2)
+
+
+def packed_from_skew(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`skew_from_packed`: ``(n, b, b)`` -> ``(n, b(b-1)/2)``."""
+    rows, cols = _triu_indices(q.shape[-1], q.device)
+    return q[:, rows, cols]
+
+
+def cayley_neumann_from_skew(q: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:
+    """Orthogonal (or nearly orthogonal) blocks from skew blocks ``q`` ``(n, b, b)``.
+
+    ``neumann_terms=k >= 1`` evaluates ``(I + Q)(I + Q + ... + Q^k)`` by Horner's
+    rule (k+1 batched matmuls); ``neumann_terms=None`` is the exact Cayley
+    transform ``(I - Q)^-1 (I + Q)`` (the two factors commute), for reference.
+    """
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+    if neumann_terms is None:
+        return torch.linalg.solve(eye - q, eye + q)
+    if neumann_terms < 1:
+        raise ValueError(f"neumann_terms must be >= 1 (k=0 diverges in the paper), got {neumann_terms}")
+    series = eye + q  # I + Q, then Horner: I + Q(I + Q(...))
+    for _ in range(neumann_terms - 1):
+        series = torch.baddbmm(eye, q, series)
+    return series + torch.bmm(q, series)
+
+
+def cayley_neumann(packed: torch.Tensor, block_size: int, neumann_terms: int | None) -> torch.Tensor:
+    """Blocks ``G`` ``(num_blocks, b, b)`` from packed skew parameters ``(num_blocks, b(b-1)/2)``."""
+    return cayley_neumann_from_skew(skew_from_packed(packed, block_size), neumann_terms)
+
+
+def orthogonality_error(blocks: torch.Tensor) -> torch.Tensor:
+    """Max over blocks of the Frobenius norm ``||G^T G - I||_F`` (a 0-d tensor).
+
+    The Frobenius norm bounds the spectral norm, so every singular value of
+    every block lies in ``[sqrt(1 - e), sqrt(1 + e)]`` for the returned ``e``.
+    """
+    g = blocks.float() if blocks.dtype in (torch.float16, torch.bfloat16) else blocks
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    gram = torch.bmm(g.transpose(1, 2), g)
+    return torch.linalg.matrix_norm(gram - eye, ord="fro").max()

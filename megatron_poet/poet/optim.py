@@ -1,0 +1,120 @@
+"""Optimizer glue: POET parameter groups and the merge-then-reinitialize schedule."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .linear import POETModule
+
+
+def poet_modules(model: nn.Module) -> list[POETModule]:
+    """Every POET layer in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, POETModule)]
+
+
+def poet_param_groups(model: nn.Module, lr: float, poet_lr: float, weight_decay: float) -> list[dict]:
+    """Parameter groups for ``torch.optim.AdamW`` (or any optimizer taking groups).
+
+    - POET factors: ``lr=poet_lr``, no weight decay (the papers' recipe; no hidden
+      scale is applied to ``poet_lr``), tagged ``"poet": True``.
+    - Other parameters with >= 2 dims (embeddings, output layer): ``lr``, ``weight_decay``.
+    - Other 1-D parameters (norms, biases): ``lr``, no weight decay.
+    Frozen parameters are skipped; empty groups are dropped.
+    """
+    poet_ids = {id(p) for m in poet_modules(model) for p in m.poet_parameters()}
+    poet, decay, no_decay = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (poet if id(p) in poet_ids else decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": poet, "lr": poet_lr, "weight_decay": 0.0, "poet": True},
+        {"params": decay, "lr": lr, "weight_decay": weight_decay, "poet": False},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "poet": False},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def reset_torch_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
+    """Forget the state of ``params`` in a ``torch.optim`` optimizer.
+
+    Adam/AdamW initialize state lazily, so the next step on these parameters is
+    a fresh Adam step: zero moments and bias correction from step 1.
+    """
+    for p in params:
+        optimizer.state.pop(p, None)
+
+
+class MergeScheduler:
+    """Merge every POET layer each ``merge_interval`` optimizer steps and reset their optimizer state.
+
+    Call :meth:`step` once after every ``optimizer.step()``. Merge ``i`` draws its
+    permutations from a generator seeded with ``(seed, i)``, so the schedule is
+    reproducible and its whole state is two counters (:meth:`state_dict`).
+
+    Args:
+        model: module containing POET layers.
+        merge_interval: ``T_m`` (the papers use 200–400).
+        reset_optimizer_state: ``fn(params)`` that clears the optimizer state of
+            the POET parameters. Pass ``optimizer=`` for ``torch.optim``
+            optimizers; Megatron's or DeepSpeed's optimizers plug in their own.
+        seed: base seed of the permutations drawn at merges.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        merge_interval: int,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        reset_optimizer_state: Callable[[list[nn.Parameter]], None] | None = None,
+        seed: int = 0,
+    ):
+        if not isinstance(merge_interval, int) or merge_interval < 1:
+            raise ValueError(f"merge_interval must be a positive integer, got {merge_interval!r}")
+        if (optimizer is None) == (reset_optimizer_state is None):
+            raise ValueError("give exactly one of optimizer= or reset_optimizer_state=")
+        self.model = model
+        self.merge_interval = merge_interval
+        self.seed = seed
+        self._reset = reset_optimizer_state or (lambda ps: reset_torch_optimizer_state(optimizer, ps))
+        self.steps_since_merge = 0
+        self.merges_done = 0
+
+    def step(self) -> bool:
+        """Count one optimizer step; merge when the interval is reached. Returns whether it merged."""
+        self.steps_since_merge += 1
+        if self.steps_since_merge < self.merge_interval:
+            return False
+        self.merge_now()
+        return True
+
+    @torch.no_grad()
+    def merge_now(self) -> None:
+        layers = poet_modules(self.model)
+        generator = torch.Generator().manual_seed(merge_seed(self.seed, self.merges_done))
+        for layer in layers:
+            layer.merge_and_reset(generator)
+        self._reset([p for layer in layers for p in layer.poet_parameters()])
+        self.merges_done += 1
+        self.steps_since_merge = 0
+
+    def max_orthogonality_error(self) -> float:
+        """Largest ``||G^T G - I||_F`` over all POET blocks of the model (a log diagnostic)."""
+        errors = [layer.orthogonality_error() for layer in poet_modules(self.model)]
+        return max((float(e) for e in errors), default=0.0)
+
+    def state_dict(self) -> dict:
+        return {"steps_since_merge": self.steps_since_merge, "merges_done": self.merges_done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_since_merge = int(state["steps_since_merge"])
+        self.merges_done = int(state["merges_done"])
+        self.seed = int(state["seed"])
+
+
+def merge_seed(seed: int, merge_index: int) -> int:
+    """A 63-bit seed for merge ``merge_index`` of a run seeded with ``seed``."""
+    return (seed * 1_000_003 + merge_index * 7_919 + 12_345) % (2**63 - 1)
