@@ -7,7 +7,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_poet", "megatron_poet.*"]),
+    # `kernels/` installs as `megatron_poet.kernels` (a PyPI package named `kernels` exists).
+    packages=find_packages(include=["megatron_poet", "megatron_poet.*"]) + ["megatron_poet.kernels"],
+    package_dir={"megatron_poet.kernels": "kernels"},
     install_requires=[
         # Capped: an uncapped torch pulls a multi-GB CUDA build onto CPU machines;
         # 2.13.0 (CPU build here) and 2.11 (GPU machines) both satisfy it.

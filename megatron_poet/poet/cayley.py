@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_poet import kernels as _kernels  # imports no Triton until a kernel runs
+
 _TRIU_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -78,7 +80,15 @@ def cayley_neumann_from_skew(q: torch.Tensor, neumann_terms: int | None) -> torc
 
 
 def cayley_neumann(packed: torch.Tensor, block_size: int, neumann_terms: int | None) -> torch.Tensor:
-    """Blocks ``G`` ``(num_blocks, b, b)`` from packed skew parameters ``(num_blocks, b(b-1)/2)``."""
+    """Blocks ``G`` ``(num_blocks, b, b)`` from packed skew parameters ``(num_blocks, b(b-1)/2)``.
+
+    CUDA float32 parameters with a supported block size use the fused Triton kernel
+    (``megatron_poet.kernels``; disable with ``MEGATRON_POET_KERNELS=0``), else PyTorch.
+    """
+    if _kernels.cayley_neumann_supported(packed, block_size, neumann_terms):
+        from megatron_poet.kernels.cayley_neumann import cayley_neumann as fused
+
+        return fused(packed, block_size, neumann_terms)
     return cayley_neumann_from_skew(skew_from_packed(packed, block_size), neumann_terms)
 
 

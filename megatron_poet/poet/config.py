@@ -21,6 +21,10 @@ class POETConfig:
         mode: "fast" keeps intermediates for backward, "mem" recomputes them.
         init: initialization of ``A0`` (see :mod:`megatron_poet.poet.init`).
         variant: "bs" (block-stochastic) or "fs" (fully stochastic).
+        permutation_groups: tensor-parallel layers only (``megatron_poet.megatron``):
+            the sharded side's permutation stays inside this many contiguous groups
+            of the dimension, independently of the TP size, so runs at any TP size
+            dividing it are identical. ``None`` = the run's TP size.
     """
 
     block_size: int = 256
@@ -28,6 +32,7 @@ class POETConfig:
     mode: str = "fast"
     init: str = "normalized"
     variant: str = "bs"
+    permutation_groups: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 2:
@@ -42,6 +47,12 @@ class POETConfig:
             raise ValueError(f"POET init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"POET variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.permutation_groups is not None and (
+            not isinstance(self.permutation_groups, int) or self.permutation_groups < 1
+        ):
+            raise ValueError(
+                f"POET permutation_groups must be a positive integer or None, got {self.permutation_groups!r}"
+            )
 
     def num_blocks(self, dim: int, what: str = "dimension", layer: str | None = None) -> int:
         """Blocks on a side of size ``dim``; raises a ValueError naming the layer if invalid."""

@@ -9,13 +9,47 @@
   weight) and recomputes the intermediates in backward.
 
 Neither computes a gradient for the frozen weight: no weight-gradient GEMM runs.
+Both use the Triton kernels of ``megatron_poet.kernels`` for supported CUDA tensors
+(through ``rotate_input`` / ``rotate_output`` and the side gradients below).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .rotation import block_rotate, block_rotate_grads, rotate_input, rotate_output
+from .rotation import block_rotate_grads, inverse_permutation, rotate_input, rotate_output
+
+from megatron_poet import kernels as _kernels  # imports no Triton until a kernel runs
+
+
+def _input_side_grads(
+    x: torch.Tensor, grad_z: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor, need_input_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients of ``z = BD(G) Pi x`` for rows ``(N, d)``: ``(grad_x or None, grad_blocks)``."""
+    if _kernels.rotation_supported(x, blocks):
+        from megatron_poet.kernels.rotation_ops import input_side_grads
+
+        return input_side_grads(x, grad_z, perm, blocks, need_input_grad)
+    grad_x_perm, grad_blocks = block_rotate_grads(x.index_select(-1, perm), grad_z, blocks, need_input_grad)
+    if not need_input_grad:
+        return None, grad_blocks
+    grad_x = torch.empty_like(grad_x_perm)
+    grad_x[:, perm] = grad_x_perm
+    return grad_x, grad_blocks
+
+
+def _output_side_grads(
+    h: torch.Tensor, grad_y: torch.Tensor, blocks: torch.Tensor, inv_perm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``y = Pi^T BD(G) h`` for rows ``(N, d)``: ``(grad_h, grad_blocks)``."""
+    if _kernels.rotation_supported(h, blocks):
+        from megatron_poet.kernels.rotation_ops import output_side_grads
+
+        return output_side_grads(h, grad_y, blocks, inverse_permutation(inv_perm))
+    # y = u[:, inv_perm]  =>  grad_u[:, inv_perm] = grad_y, i.e. scatter back.
+    grad_u = torch.empty_like(grad_y)
+    grad_u[:, inv_perm] = grad_y
+    return block_rotate_grads(h, grad_u, blocks)
 
 
 class _RecomputingPOETLinear(torch.autograd.Function):
@@ -35,21 +69,13 @@ class _RecomputingPOETLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
-        # Recompute the two intermediates the block gradients need.
-        x_perm = x2.index_select(-1, perm_in)
-        z = block_rotate(x_perm, r_blocks)
-        h = F.linear(z, frozen_weight)
-        # y = u[:, inv_perm_out]  =>  grad_u[:, inv_perm_out] = grad_y, i.e. scatter back.
-        grad_u = torch.empty_like(grad_y2)
-        grad_u[:, inv_perm_out] = grad_y2
-        grad_h, grad_p = block_rotate_grads(h, grad_u, p_blocks)
+        # Recompute the GEMM output the output-side block gradient needs.
+        h = F.linear(rotate_input(x2, perm_in, r_blocks), frozen_weight)
+        grad_h, grad_p = _output_side_grads(h, grad_y2, p_blocks, inv_perm_out)
         grad_z = grad_h @ frozen_weight  # input gradient of the GEMM; no weight gradient
         need_x = ctx.needs_input_grad[0]
-        grad_x_perm, grad_r = block_rotate_grads(x_perm, grad_z, r_blocks, need_input_grad=need_x)
-        grad_x = None
+        grad_x, grad_r = _input_side_grads(x2, grad_z, r_blocks, perm_in, need_x)
         if need_x:
-            grad_x = torch.empty_like(grad_x_perm)
-            grad_x[:, perm_in] = grad_x_perm
             grad_x = grad_x.reshape(shape)
         grad_bias = None
         if ctx.has_bias and ctx.needs_input_grad[6]:

@@ -6,10 +6,16 @@ blocks ``G`` applied to the first ``n*b`` permuted coordinates (the rest pass
 through unchanged; that is the fully stochastic variant, where ``n = 1``).
 Block-diagonal or dense matrices are never built: blocks are a batch dimension.
 All functions take activations in row form ``(..., d)``.
+
+``rotate_input`` / ``rotate_output`` use the Triton kernels of ``megatron_poet.kernels``
+(permutation fused into loads / stores) for supported CUDA tensors and fall back to the
+PyTorch ops below otherwise; ``MEGATRON_POET_KERNELS=0`` forces PyTorch.
 """
 from __future__ import annotations
 
 import torch
+
+from megatron_poet import kernels as _kernels  # imports no Triton until a kernel runs
 
 
 def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -52,11 +58,19 @@ def rotate_input(x: torch.Tensor, perm: torch.Tensor, blocks: torch.Tensor) -> t
     The frozen weight is stored pre-permuted (``A0[:, perm]``), so the result
     feeds the GEMM directly.
     """
+    if _kernels.rotation_supported(x, blocks):
+        from megatron_poet.kernels.rotation_ops import rotate_input as fused
+
+        return fused(x, perm, blocks)
     return block_rotate(x.index_select(-1, perm), blocks)
 
 
 def rotate_output(h: torch.Tensor, blocks: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
     """Output side: ``Pi^T BD(G) h`` for ``h`` in permuted order, shape ``(..., d)``."""
+    if _kernels.rotation_supported(h, blocks):
+        from megatron_poet.kernels.rotation_ops import rotate_output as fused
+
+        return fused(h, blocks, inv_perm)
     return block_rotate(h, blocks).index_select(-1, inv_perm)
 
 

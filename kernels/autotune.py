@@ -1,0 +1,55 @@
+"""Autotuning configurations (tuned for H100/H200; one small config in the interpreter).
+
+Every kernel prunes configs whose tiles exceed the block size ``B`` (tiles must
+divide ``B``; all sizes here are powers of two), so a config never reads past a
+block. Under ``TRITON_INTERPRET=1`` each config would run once per autotune
+trial on the CPU, so there is exactly one config and no benchmarking.
+"""
+from __future__ import annotations
+
+import itertools
+
+import triton
+
+from .dispatch import interpreting
+
+
+def _configs(space: dict[str, tuple[int, ...]], warps_stages: tuple[tuple[int, int], ...]) -> list[triton.Config]:
+    names = list(space)
+    return [
+        triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s)
+        for values in itertools.product(*(space[k] for k in names))
+        for w, s in warps_stages
+    ]
+
+
+def prune_to_block(tile_names: tuple[str, ...]):
+    """``early_config_prune`` keeping configs whose named tiles are ``<= B`` (at least one kept)."""
+
+    def prune(configs, named_args, **kwargs):
+        b = kwargs.get("B", named_args.get("B"))
+        kept = [c for c in configs if all(c.kwargs[t] <= b for t in tile_names)]
+        return kept or [min(configs, key=lambda c: max(c.kwargs[t] for t in tile_names))]
+
+    return prune
+
+
+if interpreting():
+    ROTATE_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    GRAD_CONFIGS = [triton.Config({"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_T": 16}, num_warps=4)]
+    CAYLEY_CONFIGS = [triton.Config({"BLOCK_T": 32, "BLOCK_K": 32}, num_warps=4)]
+else:
+    # Rotation: a program owns BLOCK_M tokens x BLOCK_N outputs of one block; BLOCK_N = B
+    # (for B <= 256) reads each gathered input tile once, smaller BLOCK_N gives more programs
+    # for few tokens. bf16 tensor-core tiles want BLOCK_K >= 32 and 3-4 pipeline stages.
+    ROTATE_CONFIGS = _configs(
+        {"BLOCK_M": (64, 128), "BLOCK_N": (64, 128, 256), "BLOCK_K": (32, 64)},
+        ((4, 3), (8, 3), (8, 4)),
+    )
+    # Block gradients: a (BLOCK_I x BLOCK_J) tile of one block, reducing over BLOCK_T tokens at a time.
+    GRAD_CONFIGS = _configs(
+        {"BLOCK_I": (64, 128), "BLOCK_J": (64, 128), "BLOCK_T": (32, 64)},
+        ((4, 3), (8, 3), (8, 4)),
+    )
+    # Cayley–Neumann: fp32 (tf32x3) b x b products, tiny next to the layer GEMM.
+    CAYLEY_CONFIGS = _configs({"BLOCK_T": (32, 64, 128), "BLOCK_K": (32, 64)}, ((4, 2), (8, 3)))

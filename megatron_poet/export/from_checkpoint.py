@@ -1,0 +1,153 @@
+"""Convert a checkpoint of the training program to a Hugging Face model directory.
+
+Steps (single process, CPU, whatever TP size the run used):
+
+1. find ``iter_XXXXXXX`` and read its common state (the run's model arguments) safely;
+2. rebuild the run's model with the training program's own ``build_model`` at
+   TP=1 / PP=1 in fp32, with the checkpoint's padded vocabulary size (it depends
+   on the training TP size, so it is read from the stored embedding's shape);
+3. load the model tensors with ``dist_checkpointing`` (which reshards TP>1 -> 1);
+4. fold POET layers, map names and layouts, write the Hugging Face files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field
+
+from ..poet.linear import POETModule
+from .checkpoint import CheckpointReadError, load_model_weights, read_common_state, read_tensor_shapes, resolve_checkpoint
+from .hf_export import TokenizerInfo, export_gpt_model
+from .spec import ExportSpec
+
+# Saved arguments the export cannot do without (they fix the model's shape).
+REQUIRED_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size_unpadded")
+# Saved arguments that change the exported function; when a checkpoint lacks one,
+# the training program's default is assumed and reported.
+FUNCTION_ARGS = ("model_style", "rotary_base", "poet_neumann_terms", "ffn_hidden_size", "num_query_groups",
+                 "kv_channels", "max_position_embeddings", "poet", "poet_block_size", "poet_variant")
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert_checkpoint` did.
+
+    Attributes:
+        spec: the exported model's :class:`ExportSpec`.
+        checkpoint: the ``iter_XXXXXXX`` directory read; ``iteration`` its number.
+        poet_layers: POET layers folded into dense weights (0 for a ``--no-poet`` run).
+        assumed: ``{argument: default}`` for arguments the checkpoint did not record.
+        tokenizer: the tokenizer copied (``None``: none written).
+    """
+
+    spec: ExportSpec
+    checkpoint: str
+    iteration: int | None
+    poet_layers: int
+    assumed: dict = field(default_factory=dict)
+    tokenizer: str | None = None
+
+
+def run_arguments(saved: dict) -> tuple[argparse.Namespace, dict]:
+    """The training program's arguments for rebuilding the run's model at TP=1 in fp32.
+
+    Starts from the training parser's defaults and applies the saved values.
+    Returns ``(args, assumed)`` where ``assumed`` lists the :data:`FUNCTION_ARGS`
+    the checkpoint did not record, with the default used.
+    """
+    from megatron_poet.training.arguments import build_parser
+
+    missing = [k for k in REQUIRED_ARGS if k not in saved]
+    if missing:
+        raise CheckpointReadError(f"checkpoint arguments lack {missing}; it was not written by the training program")
+    args = build_parser().parse_args([])
+    assumed = {k: getattr(args, k) for k in FUNCTION_ARGS if k not in saved and hasattr(args, k)}
+    vars(args).update(saved)
+    # One unsharded copy in this process, in fp32: folding P A0 R must not round to half precision.
+    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    args.sequence_parallel = False
+    args.bf16 = False
+    args.world_size = 1
+    return args, assumed
+
+
+def _tokenizer(args: argparse.Namespace, override: str | None) -> TokenizerInfo:
+    """Tokenizer to ship: ``override``, else the one the run recorded; a NullTokenizer run ships none."""
+    path = override or getattr(args, "tokenizer_model", None)
+    if getattr(args, "tokenizer_type", None) == "NullTokenizer" and override is None:
+        # Megatron's NullTokenizer: ids 0..n-1 plus eod = n, so vocab_size_unpadded = n + 1.
+        eod = args.vocab_size_unpadded - 1
+        return TokenizerInfo(vocab_size=args.vocab_size_unpadded, eos_token_id=eod)
+    if not path:
+        raise CheckpointReadError("the checkpoint does not record its tokenizer; pass --tokenizer PATH "
+                                  "(the tokenizer.json or tokenizer directory used for training)")
+    if not os.path.exists(path):
+        raise CheckpointReadError(f"the run's tokenizer {path} no longer exists; pass --tokenizer PATH")
+    info = TokenizerInfo.from_path(path)
+    if info.vocab_size != args.vocab_size_unpadded:
+        raise CheckpointReadError(
+            f"tokenizer {path} has {info.vocab_size} tokens but the model was trained with "
+            f"{args.vocab_size_unpadded}; pass the tokenizer used for training")
+    return info
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, dtype: str = "fp32",
+                       tokenizer: str | None = None, max_shard_size: str | int = "5GB",
+                       progress: bool = True) -> ConversionResult:
+    """Convert a training checkpoint to a Hugging Face directory (see the module docstring).
+
+    Args:
+        load: the run's ``--save`` directory (or one ``iter_XXXXXXX`` directory).
+        output: Hugging Face model directory to write.
+        iteration: which checkpoint; default: the latest.
+        dtype: "fp32", "bf16" or "fp16" storage (folding is always fp32).
+        tokenizer: tokenizer to ship instead of the one the run recorded.
+        max_shard_size: shard the safetensors above this size.
+        progress: tqdm progress bars.
+    Raises:
+        CheckpointReadError: unreadable / incomplete checkpoint, missing tokenizer.
+        UnsupportedModelError: a model option Hugging Face cannot reproduce.
+    """
+    import torch
+
+    from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
+
+    path, iteration = resolve_checkpoint(load, iteration)
+    common = read_common_state(path)
+    saved = common.get("args")
+    if not isinstance(saved, dict):
+        raise CheckpointReadError(f"{path} records no model arguments ('args'); it was not written by the "
+                                  f"training program")
+    args, assumed = run_arguments(saved)
+    token_info = _tokenizer(args, tokenizer)
+    shapes = read_tensor_shapes(path)
+    if EMBEDDING_KEY not in shapes:
+        raise CheckpointReadError(f"{path} has no {EMBEDDING_KEY}; cannot determine the vocabulary")
+    padded_vocab = shapes[EMBEDDING_KEY][0]
+
+    started = not torch.distributed.is_initialized()
+    if started:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(), RANK="0", WORLD_SIZE="1")
+        initialize_distributed(1, 1, seed=getattr(args, "seed", 1234))
+    elif torch.distributed.get_world_size() != 1:
+        raise RuntimeError("convert_checkpoint runs in a single process (world size 1)")
+    try:
+        from megatron_poet.training.model_provider import build_model
+
+        model = build_model(args, padded_vocab).eval()
+        poet_layers = sum(isinstance(m, POETModule) for m in model.modules())
+        load_model_weights(model, path)
+        spec = export_gpt_model(model, output, tokenizer=token_info, dtype=dtype,
+                                max_shard_size=max_shard_size, progress=progress)
+    finally:
+        if started:
+            destroy_distributed()
+    return ConversionResult(spec, path, iteration, poet_layers, assumed, token_info.path)

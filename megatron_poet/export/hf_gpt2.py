@@ -1,0 +1,88 @@
+"""Megatron GPT-2-style ``GPTModel`` -> Hugging Face ``GPT2LMHeadModel``.
+
+GPT-2 style = LayerNorm, non-gated GeLU MLP (exact erf GeLU, Hugging Face's
+``"gelu"``), learned absolute positions, multi-head attention. Hugging Face's
+GPT-2 uses ``Conv1D`` layers whose weight is ``(in, out)``, the transpose of
+megatron's ``(out, in)``, and always has biases (zeros where megatron has none).
+"""
+from __future__ import annotations
+
+import torch
+
+from .layout import MegatronState, split_qkv, trim_vocab
+from .spec import ExportSpec
+
+
+def gpt2_config(spec: ExportSpec, *, bos_token_id: int | None, eos_token_id: int | None,
+                pad_token_id: int | None = None):
+    """A ``transformers.GPT2Config`` for ``spec`` (true vocabulary size, tying, positions)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        architectures=["GPT2LMHeadModel"],
+        vocab_size=spec.vocab_size,
+        n_positions=spec.max_position_embeddings,
+        n_embd=spec.hidden_size,
+        n_layer=spec.num_layers,
+        n_head=spec.num_attention_heads,
+        n_inner=spec.ffn_hidden_size,
+        activation_function=spec.activation,
+        layer_norm_epsilon=spec.norm_eps,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        resid_pdrop=spec.hidden_dropout,
+        embd_pdrop=spec.hidden_dropout,
+        attn_pdrop=spec.attention_dropout,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def gpt2_state_dict(dense: dict[str, torch.Tensor], spec: ExportSpec) -> dict[str, torch.Tensor]:
+    """Map a dense megatron state dict (TP=1 names) to ``GPT2LMHeadModel`` names.
+
+    Args:
+        dense: ``{megatron name: tensor}``; every weight must be consumed.
+        spec: the model's :class:`ExportSpec` (``architecture == "gpt2"``).
+    Returns:
+        ``{hf name: tensor}``; Conv1D weights are ``(in, out)``; ``lm_head.weight``
+        only when embeddings are untied.
+    Raises:
+        UnsupportedModelError: for megatron entries with no GPT-2 counterpart.
+    """
+    src = MegatronState(dense)
+
+    def bias(name: str, size: int, like: torch.Tensor) -> torch.Tensor:
+        found = src.take(name, required=False)
+        return found if found is not None else torch.zeros(size, dtype=like.dtype)
+
+    h = spec.hidden_size
+    out = {
+        "transformer.wte.weight": trim_vocab(src.take("embedding.word_embeddings.weight"), spec),
+        "transformer.wpe.weight": src.take("embedding.position_embeddings.weight"),
+    }
+    for i in range(spec.num_layers):
+        m, g = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        out[g + "ln_1.weight"] = src.norm(i, "attention", "weight")
+        out[g + "ln_1.bias"] = src.norm(i, "attention", "bias")
+        out[g + "ln_2.weight"] = src.norm(i, "mlp", "weight")
+        out[g + "ln_2.bias"] = src.norm(i, "mlp", "bias")
+        qkv = src.take(m + "self_attention.linear_qkv.weight")
+        # Megatron interleaves [q, k, v] per head (one head per query group); GPT-2 wants [Q; K; V].
+        out[g + "attn.c_attn.weight"] = torch.cat(split_qkv(qkv, spec), dim=0).t()
+        out[g + "attn.c_attn.bias"] = torch.cat(split_qkv(bias(m + "self_attention.linear_qkv.bias", 3 * h, qkv), spec))
+        proj = src.take(m + "self_attention.linear_proj.weight")
+        out[g + "attn.c_proj.weight"] = proj.t()
+        out[g + "attn.c_proj.bias"] = bias(m + "self_attention.linear_proj.bias", h, proj)
+        fc1 = src.take(m + "mlp.linear_fc1.weight")
+        out[g + "mlp.c_fc.weight"] = fc1.t()
+        out[g + "mlp.c_fc.bias"] = bias(m + "mlp.linear_fc1.bias", spec.ffn_hidden_size, fc1)
+        fc2 = src.take(m + "mlp.linear_fc2.weight")
+        out[g + "mlp.c_proj.weight"] = fc2.t()
+        out[g + "mlp.c_proj.bias"] = bias(m + "mlp.linear_fc2.bias", h, fc2)
+    out["transformer.ln_f.weight"] = src.take("decoder.final_layernorm.weight")
+    out["transformer.ln_f.bias"] = src.take("decoder.final_layernorm.bias")
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = trim_vocab(src.take("output_layer.weight"), spec)
+    src.check_consumed()
+    return out

@@ -1,0 +1,86 @@
+"""Megatron Llama-style ``GPTModel`` -> Hugging Face ``LlamaForCausalLM``.
+
+Why the two compute the same function (checked in ``tests/test_export_mapping.py``):
+RMSNorm is ``x * rsqrt(mean(x^2) + eps) * w`` in both; megatron's non-interleaved
+rotary embedding (``cat(freqs, freqs)`` with ``rotate_half``) is Hugging Face's
+``rotate_half`` RoPE with the same base; both scale scores by ``1/sqrt(head_dim)``
+under a causal mask; SwiGLU is ``silu(gate) * up``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .layout import MegatronState, split_gated_fc1, split_qkv, trim_vocab
+from .spec import ExportSpec
+
+
+def llama_config(spec: ExportSpec, *, bos_token_id: int | None, eos_token_id: int | None,
+                 pad_token_id: int | None = None):
+    """A ``transformers.LlamaConfig`` for ``spec`` (true vocabulary size, GQA, rope_theta, tying)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.ffn_hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_query_groups,
+        head_dim=spec.head_dim,
+        hidden_act=spec.activation,
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=spec.norm_eps,
+        rope_theta=spec.rope_theta,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        # Megatron's add_qkv_bias biases only Q/K/V; Llama's attention_bias also biases o_proj,
+        # which then gets zeros (same function).
+        attention_bias=spec.qkv_bias,
+        mlp_bias=spec.linear_bias,
+        attention_dropout=spec.attention_dropout,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def llama_state_dict(dense: dict[str, torch.Tensor], spec: ExportSpec) -> dict[str, torch.Tensor]:
+    """Map a dense megatron state dict (TP=1 names) to ``LlamaForCausalLM`` names.
+
+    Args:
+        dense: ``{megatron name: tensor}``; every weight must be consumed.
+        spec: the model's :class:`ExportSpec` (``architecture == "llama"``).
+    Returns:
+        ``{hf name: tensor}``; ``lm_head.weight`` only when embeddings are untied.
+    Raises:
+        UnsupportedModelError: for megatron entries with no Llama counterpart.
+    """
+    src = MegatronState(dense)
+    out = {"model.embed_tokens.weight": trim_vocab(src.take("embedding.word_embeddings.weight"), spec)}
+    for i in range(spec.num_layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out[h + "input_layernorm.weight"] = src.norm(i, "attention", "weight")
+        out[h + "post_attention_layernorm.weight"] = src.norm(i, "mlp", "weight")
+        q, k, v = split_qkv(src.take(m + "self_attention.linear_qkv.weight"), spec)
+        out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k,
+                    h + "self_attn.v_proj.weight": v})
+        out[h + "self_attn.o_proj.weight"] = src.take(m + "self_attention.linear_proj.weight")
+        gate, up = split_gated_fc1(src.take(m + "mlp.linear_fc1.weight"), spec)
+        out.update({h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up})
+        out[h + "mlp.down_proj.weight"] = src.take(m + "mlp.linear_fc2.weight")
+        if spec.qkv_bias:
+            qb, kb, vb = split_qkv(src.take(m + "self_attention.linear_qkv.bias"), spec)
+            out.update({h + "self_attn.q_proj.bias": qb, h + "self_attn.k_proj.bias": kb,
+                        h + "self_attn.v_proj.bias": vb})
+            proj_bias = src.take(m + "self_attention.linear_proj.bias", required=spec.linear_bias)
+            out[h + "self_attn.o_proj.bias"] = (
+                proj_bias if proj_bias is not None else torch.zeros(spec.hidden_size, dtype=qb.dtype))
+        if spec.linear_bias:
+            gate_b, up_b = split_gated_fc1(src.take(m + "mlp.linear_fc1.bias"), spec)
+            out.update({h + "mlp.gate_proj.bias": gate_b, h + "mlp.up_proj.bias": up_b,
+                        h + "mlp.down_proj.bias": src.take(m + "mlp.linear_fc2.bias")})
+    out["model.norm.weight"] = src.take("decoder.final_layernorm.weight")
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = trim_vocab(src.take("output_layer.weight"), spec)
+    src.check_consumed()
+    return out

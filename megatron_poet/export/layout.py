@@ -1,0 +1,103 @@
+"""Megatron-core tensor layouts that the Hugging Face mappings undo.
+
+Names are those of a megatron-core ``GPTModel`` at TP=1; the local layer spec
+and the Transformer-Engine spec differ only in where the pre-attention and
+pre-MLP norms live (a separate ``input_layernorm`` / ``pre_mlp_layernorm``
+module, or fused into ``linear_qkv`` / ``linear_fc1`` as ``layer_norm_*``), so
+:class:`MegatronState` accepts both.
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import ExportSpec, UnsupportedModelError
+
+# Entries that carry no weights: TE/megatron extra state and recomputable buffers.
+_IGNORED_SUFFIXES = ("_extra_state", "inv_freq")
+
+
+class MegatronState:
+    """A dense megatron state dict consumed entry by entry, so leftovers can be reported.
+
+    Args:
+        state: ``{megatron name: tensor}`` (e.g. from :func:`~megatron_poet.export.fold.dense_state_dict`).
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = dict(state)
+
+    def take(self, *names: str, required: bool = True) -> torch.Tensor | None:
+        """Remove and return the first of ``names`` present (alternative spellings of one entry)."""
+        for name in names:
+            if name in self._state:
+                return self._state.pop(name)
+        if required:
+            raise KeyError(f"megatron state has no {' / '.join(names)}")
+        return None
+
+    def norm(self, layer: int, which: str, field: str) -> torch.Tensor | None:
+        """A pre-attention (``which="attention"``) or pre-MLP (``"mlp"``) norm's ``weight``/``bias``.
+
+        Local spec: ``input_layernorm.{field}`` / ``pre_mlp_layernorm.{field}``;
+        TE spec: ``self_attention.linear_qkv.layer_norm_{field}`` / ``mlp.linear_fc1.layer_norm_{field}``.
+        A missing bias returns ``None`` (RMSNorm has none).
+        """
+        p = f"decoder.layers.{layer}."
+        local, fused = {"attention": ("input_layernorm", "self_attention.linear_qkv"),
+                        "mlp": ("pre_mlp_layernorm", "mlp.linear_fc1")}[which]
+        return self.take(f"{p}{local}.{field}", f"{p}{fused}.layer_norm_{field}", required=field == "weight")
+
+    def check_consumed(self) -> None:
+        """Raise if any weight was not mapped: the model has parts the export would silently drop."""
+        left = sorted(k for k in self._state if not k.endswith(_IGNORED_SUFFIXES))
+        if left:
+            raise UnsupportedModelError(
+                f"megatron state entries with no Hugging Face counterpart (unsupported model parts): {left}"
+            )
+
+
+def split_qkv(fused: torch.Tensor, spec: ExportSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split megatron's fused QKV weight or bias into Hugging Face's separate Q, K, V.
+
+    Megatron lays ``linear_qkv`` out per query group: for each of the ``ng``
+    groups, the ``np/ng`` query heads of the group, then its key head, then its
+    value head, each ``hn`` rows. Query head ``g*(np/ng) + j`` therefore uses
+    key/value head ``g``, which is exactly Hugging Face's ``repeat_kv`` grouping.
+
+    Args:
+        fused: ``(ng * (np/ng + 2) * hn, hidden)`` weight or ``(ng * (np/ng + 2) * hn,)`` bias.
+    Returns:
+        q ``(np * hn, ...)``, k ``(ng * hn, ...)``, v ``(ng * hn, ...)``.
+    """
+    ng, hn = spec.num_query_groups, spec.head_dim
+    per_group = spec.num_attention_heads // ng
+    rest = fused.shape[1:]
+    expected = ng * (per_group + 2) * hn
+    if fused.shape[0] != expected:
+        raise ValueError(f"linear_qkv has {fused.shape[0]} rows, expected {expected} "
+                         f"(query groups {ng} x ({per_group} query + 2) heads x head_dim {hn})")
+    grouped = fused.reshape(ng, per_group + 2, hn, *rest)
+    q = grouped[:, :per_group].reshape(ng * per_group * hn, *rest)
+    k = grouped[:, per_group].reshape(ng * hn, *rest)
+    v = grouped[:, per_group + 1].reshape(ng * hn, *rest)
+    return q, k, v
+
+
+def split_gated_fc1(fused: torch.Tensor, spec: ExportSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split SwiGLU's ``linear_fc1`` ``(2 * ffn, ...)`` into gate and up ``(ffn, ...)``.
+
+    Megatron's MLP computes ``act(x[..., :ffn]) * x[..., ffn:]``: the gate comes first.
+    """
+    if fused.shape[0] != 2 * spec.ffn_hidden_size:
+        raise ValueError(f"linear_fc1 has {fused.shape[0]} rows, expected 2 x ffn_hidden_size "
+                         f"= {2 * spec.ffn_hidden_size}")
+    gate, up = fused.chunk(2, dim=0)
+    return gate, up
+
+
+def trim_vocab(table: torch.Tensor, spec: ExportSpec) -> torch.Tensor:
+    """Drop megatron's vocabulary padding rows: ``(padded_vocab, hidden)`` -> ``(vocab, hidden)``."""
+    if table.shape[0] != spec.padded_vocab_size:
+        raise ValueError(f"vocabulary table has {table.shape[0]} rows, expected the padded "
+                         f"vocabulary size {spec.padded_vocab_size}")
+    return table[: spec.vocab_size]

@@ -1,0 +1,242 @@
+"""Run megatron-core on a CPU-only machine (gloo); a no-op wherever CUDA is available.
+
+megatron-core assumes CUDA in a handful of places that a CPU run reaches:
+
+1. ``torch.cuda.current_device()`` used as a device (DDP grad buffers, weight
+   init, optimizer) -> returns ``torch.device("cpu")``.
+2. ``device="cuda"`` literals (``get_default_causal_mask``, optimizer found-inf
+   and scale tensors, ``clip_grads``, ``schedules`` token counters) and
+   ``Tensor.cuda()`` -> the factory functions ``torch.{tensor, zeros, ones, empty,
+   full, arange}`` map a CUDA device to the CPU (and drop ``pin_memory``, which
+   needs CUDA); ``Tensor.cuda()`` returns the tensor itself.
+3. The tensor-parallel RNG tracker keeps CUDA generator states and
+   ``model_parallel_cuda_manual_seed`` (mandatory before building a model) seeds
+   the CUDA generator -> the "CUDA generator" becomes the CPU default generator:
+   ``torch.cuda.{manual_seed, get_rng_state, set_rng_state}`` and megatron's
+   ``_get/_set_cuda_rng_state`` act on it, and the tracker's ``fork`` no longer
+   warns that the CPU state changed (on CPU that is the point of forking).
+4. ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``
+   -> rebound to the same scaling without that assertion.
+5. ``torch.cuda.synchronize`` / ``current_stream`` / ``default_stream`` /
+   ``Stream`` / ``stream`` (checkpointing, DDP) -> no-ops on a dummy stream.
+
+Nothing else changes: all computation is ordinary CPU PyTorch. Collectives use
+gloo, which megatron-core supports for the non-distributed optimizer; keep
+``use_distributed_optimizer=False`` (gloo has no reduce-scatter).
+
+dist_checkpointing needs ``psutil`` (megatron-core does not declare it; without
+it a save hangs instead of failing), so :func:`use_cpu_backend_if_no_cuda`
+checks for it up front.
+
+Entry points: :func:`use_cpu_backend_if_no_cuda` (idempotent) and
+:func:`initialize_distributed`, which also creates the process group and
+megatron's parallel state and seeds the model-parallel RNG.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import importlib.util
+import os
+
+import torch
+import torch.utils._device
+
+_INSTALLED = False
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
+
+
+def cpu_backend_active() -> bool:
+    """Whether the CPU patches are installed in this process."""
+    return _INSTALLED
+
+
+def use_cpu_backend_if_no_cuda() -> bool:
+    """Install the CPU patches when CUDA is unavailable; return whether they are active.
+
+    Call it before building any megatron-core object (importing megatron first
+    is fine). Safe to call repeatedly.
+    """
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    if torch.cuda.is_available():
+        return False
+    if importlib.util.find_spec("psutil") is None:
+        raise RuntimeError(
+            "megatron-core's dist_checkpointing needs psutil (not declared by megatron-core; "
+            "without it a checkpoint save hangs): pip install psutil"
+        )
+    _patch_devices()
+    _patch_streams()
+    _patch_rng()
+    _patch_grad_clipping()
+    _INSTALLED = True
+    return True
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # a bare index means a CUDA device
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_devices() -> None:
+    # torch caches its table of factory functions (for `with torch.device(...)`) on first
+    # use; built after the patch it would hold the wrappers, and transformers' meta-device
+    # loading would then leave buffers such as RoPE's inv_freq uninitialised. Build it first.
+    torch.utils._device._device_constructors()
+    for name in _FACTORIES:
+        setattr(torch, name, _cpu_factory(getattr(torch, name)))
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return None
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _patch_streams() -> None:
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+    torch.cuda.default_stream = lambda device=None: _NullStream()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # Only the CPU default generator: torch.manual_seed itself calls torch.cuda.manual_seed_all.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    mrandom.CudaRNGStatesTracker = _cpu_tracker_class(mrandom.CudaRNGStatesTracker, mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME)
+    # A tracker built before the patch would still be a CUDA one.
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def _cpu_tracker_class(base: type, default_name: str) -> type:
+    class CPURNGStatesTracker(base):
+        """megatron's RNG tracker with the CPU default generator as its "CUDA" generator."""
+
+        @contextlib.contextmanager
+        def fork(self, name=default_name):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_name, outer_state = self._current_state_name, torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    return CPURNGStatesTracker
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's ``clip_grad_by_total_norm_fp32`` without its ``torch.cuda.FloatTensor`` assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_grad_clipping() -> None:
+    import sys
+
+    from megatron.core.optimizer import clip_grads
+
+    original = clip_grads.clip_grad_by_total_norm_fp32
+    # The optimizer modules imported the function by name: rebind every copy.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "clip_grad_by_total_norm_fp32", None) is original:
+            module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+) -> str:
+    """Set up ``torch.distributed``, megatron's parallel state and its RNG tracker.
+
+    Reads ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (as set by
+    torchrun). Uses nccl with one GPU per local rank when CUDA is available,
+    otherwise installs the CPU backend and uses gloo. The data-parallel size is
+    ``world_size / (tp * pp)``. Returns the backend name.
+    """
+    cpu = use_cpu_backend_if_no_cuda()
+    backend = "gloo" if cpu else "nccl"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % (tensor_model_parallel_size * pipeline_model_parallel_size):
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size "
+            f"{tensor_model_parallel_size} x pipeline_model_parallel_size {pipeline_model_parallel_size}"
+        )
+    if not torch.distributed.is_initialized():
+        if not cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend=backend,
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return backend
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's parallel state and the process group (end of a job or test)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,159 @@
+"""Llama-style and GPT-2-style megatron-core ``GPTModel`` builders with POET linears.
+
+``poet=None`` builds the same model with Megatron's own linears (the AdamW
+baseline). Embeddings and the output layer are always ordinary Megatron layers.
+Every size/layout problem is reported by :func:`validate_model_config` before
+anything is built.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from ..poet.config import POETConfig
+from . import compat
+from .layers import _POETParallelLinear
+from .sharding import ShardedDimension, mix_seed
+from .spec import gpt_block_spec
+
+
+def llama_config(
+    num_layers: int, hidden_size: int, num_attention_heads: int, num_query_groups: int, ffn_hidden_size: int,
+    **overrides,
+) -> TransformerConfig:
+    """A Llama-style TransformerConfig: RMSNorm, SwiGLU, no biases, no dropout, GQA.
+
+    ``overrides`` are any other TransformerConfig fields (TP size, sequence
+    parallelism, dtypes, ...). RoPE and untied embeddings are set by :func:`build_llama_model`.
+    """
+    fields = dict(
+        num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups, ffn_hidden_size=ffn_hidden_size, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, bias_activation_fusion=False, layernorm_epsilon=1e-5,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def gpt2_config(num_layers: int, hidden_size: int, num_attention_heads: int, **overrides) -> TransformerConfig:
+    """A GPT-2-style TransformerConfig: LayerNorm, GELU MLP of width 4h, biases, dropout 0.1."""
+    fields = dict(
+        num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+        ffn_hidden_size=4 * hidden_size, normalization="LayerNorm", gated_linear_unit=False,
+        activation_func=F.gelu, add_bias_linear=True, hidden_dropout=0.1, attention_dropout=0.1,
+        bias_activation_fusion=False,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vocab_size: int) -> None:
+    """Raise one ValueError listing every layout problem (TP divisibility, POET block sizes)."""
+    tp = config.tensor_model_parallel_size
+    heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    errors = []
+    for what, value in (("num_attention_heads", heads), ("num_query_groups", groups),
+                        ("ffn_hidden_size", config.ffn_hidden_size), ("vocab_size", vocab_size)):
+        if value % tp:
+            errors.append(f"tensor_model_parallel_size={tp} does not divide {what}={value}")
+    if poet is not None and not errors:
+        kv = config.kv_channels
+        glu = 2 if config.gated_linear_unit else 1
+        n_groups = poet.permutation_groups or tp
+        sharded = (
+            ("linear_qkv", kv * (heads + 2 * groups), 1, "output_size"),
+            ("linear_proj", kv * heads, 1, "input_size"),
+            ("linear_fc1", config.ffn_hidden_size * glu, glu, "output_size"),
+            ("linear_fc2", config.ffn_hidden_size, 1, "input_size"),
+        )
+        for layer, size, parts, what in sharded:
+            try:
+                ShardedDimension(size, parts, tp, 0, n_groups, poet, layer, what)
+            except ValueError as err:
+                errors.append(str(err))
+        try:
+            poet.num_blocks(config.hidden_size, "hidden_size", "linear_qkv/proj/fc1/fc2")
+        except ValueError as err:
+            errors.append(str(err))
+        if poet.variant != "bs":
+            errors.append(f"the tensor-parallel POET layers implement variant 'bs' only, got {poet.variant!r}")
+    if errors:
+        raise ValueError("invalid model layout:\n  " + "\n  ".join(errors))
+
+
+def initialize_poet_layers(model: torch.nn.Module, seed: int) -> int:
+    """Draw ``A0`` and the permutations of every POET layer from ``(seed, layer identity)``.
+
+    The identity is the module path with the transformer layer's *global*
+    ``layer_number`` in place of its stage-local index, so it depends on neither
+    the TP nor the PP layout. Returns the number of POET layers initialized.
+    """
+    layer_prefixes = {
+        name: module.layer_number for name, module in model.named_modules() if isinstance(module, TransformerLayer)
+    }
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, _POETParallelLinear):
+            owner = max((p for p in layer_prefixes if name.startswith(p + ".")), key=len, default=None)
+            identity = name if owner is None else f"layer{layer_prefixes[owner]}{name[len(owner):]}"
+            module.initialize(mix_seed(seed, identity))
+            count += 1
+    return count
+
+
+def _build(
+    config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int, seed: int,
+    backend: str, **gpt_kwargs,
+) -> GPTModel:
+    compat.check_version()
+    validate_model_config(config, poet, vocab_size)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_block_spec(config, poet, backend),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        **gpt_kwargs,
+    )
+    if poet is not None:
+        initialize_poet_layers(model, seed)
+    return model
+
+
+def build_llama_model(
+    config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
+    seed: int = 1234, backend: str = "auto", rotary_base: int = 10000,
+) -> GPTModel:
+    """Llama-style GPTModel (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings, no biases).
+
+    Args:
+        config: from :func:`llama_config` (checked for the Llama-style fields).
+        poet: POET options of the four linears per layer, or None for Megatron's linears.
+        vocab_size, max_sequence_length: as GPTModel.
+        seed: seed of the POET ``A0`` and permutations (Megatron's own init uses its RNG tracker).
+        backend: "auto", "local" or "te" (see :mod:`.spec`).
+    """
+    expected = dict(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False)
+    wrong = [f"{k}={getattr(config, k)!r} (expected {v!r})" for k, v in expected.items() if getattr(config, k) != v]
+    if wrong:
+        raise ValueError("build_llama_model needs a Llama-style config (use llama_config): " + ", ".join(wrong))
+    return _build(config, poet, vocab_size, max_sequence_length, seed, backend,
+                  position_embedding_type="rope", rotary_base=rotary_base,
+                  share_embeddings_and_output_weights=False)
+
+
+def build_gpt2_model(
+    config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
+    seed: int = 1234, backend: str = "auto",
+) -> GPTModel:
+    """GPT-2-style GPTModel (LayerNorm, GELU, biases, learned positions, tied embeddings)."""
+    if config.normalization != "LayerNorm" or config.gated_linear_unit:
+        raise ValueError("build_gpt2_model needs a GPT-2-style config (use gpt2_config)")
+    return _build(config, poet, vocab_size, max_sequence_length, seed, backend,
+                  position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)

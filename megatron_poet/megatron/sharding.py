@@ -1,0 +1,116 @@
+"""Layout-independent permutations for the tensor-parallel (sharded) side of a POET layer.
+
+The sharded dimension of a layer (rows of a column-parallel ``A0``, columns of a
+row-parallel one) has a *global* layout of ``parts`` equal parts (2 for SwiGLU's
+``[gate; up]`` ``linear_fc1``, else 1). Megatron gives TP rank ``r`` of ``t`` the
+``r``-th chunk of every part, so its local layout is ``[part0_r; part1_r; ...]``.
+
+Each part is cut into ``groups`` contiguous *permutation groups*; the
+permutation of the sharded side only permutes inside a group, and group ``g``
+of part ``s`` is drawn from a generator seeded by ``(layer seed, s, g)``. The
+group count is a POET setting, independent of the TP size, so any TP size
+dividing it gives every rank whole groups and the concatenation of the ranks'
+permutations is the same global permutation: TP=1 and TP=2 train the same
+function step for step. Blocks never straddle groups (``block_size`` divides
+the group size), so ``P`` (or ``R``) is block-diagonal over ranks and stays local.
+
+In checkpoints a permutation is stored in *canonical* form: the global index
+(in the ``[part0; part1; ...]`` layout) each permuted position reads. That form
+does not depend on the TP size, so it reshards to any layout whose shards the
+permutation does not cross.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..poet.config import POETConfig
+
+
+def mix_seed(*parts) -> int:
+    """A 63-bit seed from any printable values (stable across processes and runs)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def draw_permutation(n: int, seed: int) -> torch.Tensor:
+    """``randperm(n)`` from a CPU generator seeded with ``seed``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+class ShardedDimension:
+    """The TP-sharded dimension of one POET layer.
+
+    Args:
+        global_size: size of the dimension over all TP ranks.
+        parts: 2 for SwiGLU's ``[gate; up]`` layout (Megatron's ``stride=2``), else 1.
+        tp_size, tp_rank: tensor-parallel layout.
+        groups: permutation groups per part (:attr:`POETConfig.permutation_groups`).
+        config: block size used for validation.
+        layer, what: names for error messages.
+    Raises:
+        ValueError naming the layer when the layout cannot hold whole groups and blocks.
+    """
+
+    def __init__(
+        self, global_size: int, parts: int, tp_size: int, tp_rank: int, groups: int,
+        config: POETConfig, layer: str, what: str,
+    ):
+        where = f"POET layer {layer!r}: {what}={global_size}"
+        if global_size % parts:
+            raise ValueError(f"{where} is not divisible into {parts} parts (gate/up)")
+        self.part_size = global_size // parts
+        if self.part_size % tp_size:
+            raise ValueError(
+                f"{where}: tensor_model_parallel_size={tp_size} does not divide the sharded size {self.part_size}"
+            )
+        if groups % tp_size:
+            raise ValueError(
+                f"{where}: permutation_groups={groups} must be a multiple of tensor_model_parallel_size={tp_size} "
+                "so every rank holds whole permutation groups"
+            )
+        if self.part_size % groups:
+            raise ValueError(f"{where}: permutation_groups={groups} does not divide the part size {self.part_size}")
+        self.group_size = self.part_size // groups
+        if self.group_size % config.block_size:
+            raise ValueError(
+                f"{where}: block_size={config.block_size} does not divide the permutation group size "
+                f"{self.group_size} (= {self.part_size} / permutation_groups={groups}); per-rank shard is "
+                f"{self.part_size // tp_size} per part at tensor_model_parallel_size={tp_size}"
+            )
+        self.parts, self.tp_size, self.tp_rank, self.groups = parts, tp_size, tp_rank, groups
+        self.chunk = self.part_size // tp_size  # per-rank size of one part
+        self.local_size = parts * self.chunk
+        part = torch.arange(self.local_size) // self.chunk
+        # local_to_global[i]: global index (in the [part0; part1; ...] layout) of local index i.
+        self.local_to_global = part * self.part_size + tp_rank * self.chunk + torch.arange(self.local_size) % self.chunk
+
+    def draw_local_permutation(self, seed: int) -> torch.Tensor:
+        """This rank's permutation ``(local_size,)`` in local indices, a restriction of the global one."""
+        groups_per_rank = self.groups // self.tp_size
+        pieces = []
+        for s in range(self.parts):
+            for j in range(groups_per_rank):
+                g = self.tp_rank * groups_per_rank + j
+                start = s * self.chunk + j * self.group_size
+                pieces.append(start + draw_permutation(self.group_size, mix_seed(seed, s, g)))
+        return torch.cat(pieces)
+
+    def to_canonical(self, local_perm: torch.Tensor) -> torch.Tensor:
+        """Local permutation -> the global indices it reads (checkpoint form), ``(local_size,)``."""
+        return self.local_to_global.to(local_perm.device)[local_perm]
+
+    def from_canonical(self, canonical: torch.Tensor, layer: str) -> torch.Tensor:
+        """Inverse of :meth:`to_canonical`; raises if the permutation crosses this rank's shard."""
+        canonical = canonical.to(torch.long)
+        part = canonical // self.part_size
+        offset = canonical - part * self.part_size - self.tp_rank * self.chunk
+        own_part = torch.arange(self.local_size, device=canonical.device) // self.chunk
+        if bool(((offset < 0) | (offset >= self.chunk) | (part != own_part)).any()):
+            raise ValueError(
+                f"POET layer {layer!r}: the checkpoint's sharded-side permutation crosses the shard boundaries of "
+                f"tensor_model_parallel_size={self.tp_size}; it was trained with fewer permutation groups. Load it "
+                "at a TP size dividing the permutation_groups it was trained with"
+            )
+        return part * self.chunk + offset

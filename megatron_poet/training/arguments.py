@@ -1,0 +1,288 @@
+"""Command line of the pretraining program: Megatron's flag names plus the POET flags.
+
+:func:`parse_args` parses and then :func:`validate_args` checks every size that
+can be checked without building anything (POET block sizes of every linear on
+its tensor-parallel shard, parallel sizes, batch sizes), so bad input fails with
+a message that says what to fix before any process group, data or model exists.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from megatron_poet.poet.config import POETConfig
+
+
+class ArgumentError(ValueError):
+    """An invalid combination of command-line arguments; the message says what to fix."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_poet.training.pretrain",
+        description="Pretrain a GPT (Llama- or GPT-2-style) with POET linear layers on megatron-core.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=128)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--num-query-groups", type=int, default=None, help="grouped-query attention; default: = heads")
+    g.add_argument("--kv-channels", type=int, default=None, help="default: hidden size / heads")
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: seq length")
+    g.add_argument("--model-style", choices=("llama", "gpt2"), default="llama",
+                   help="llama: RMSNorm, SwiGLU, RoPE, no biases, untied embeddings; "
+                        "gpt2: LayerNorm, GELU, biases, learned positions, tied embeddings")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("POET")
+    g.add_argument("--poet", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-poet trains Megatron's own linear layers with AdamW (the baseline)")
+    g.add_argument("--poet-block-size", type=int, default=32)
+    g.add_argument("--poet-merge-interval", type=int, default=200, help="T_m optimizer steps between merges")
+    g.add_argument("--poet-neumann-terms", type=_neumann_terms, default=3,
+                   help="k >= 1 in G = (I+Q)(I+Q+..+Q^k), or 'exact' for the exact Cayley transform")
+    g.add_argument("--poet-lr", type=float, default=None, help="Adam lr of the POET factors; default: --lr")
+    g.add_argument("--poet-min-lr", type=float, default=None, help="default: poet lr x (min-lr / lr)")
+    g.add_argument("--poet-mode", choices=("fast", "mem"), default="fast")
+    g.add_argument("--poet-init", default="normalized", help="initialization of A0")
+    g.add_argument("--poet-variant", choices=("bs", "fs"), default="bs")
+    g.add_argument("--poet-clip-ramp-iters", type=int, default=0,
+                   help="after each merge, ramp the clip threshold linearly from clip/N back to clip over "
+                        "N steps (the public POET code uses 10); 0 = off")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=8)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
+    g.add_argument("--train-iters", type=int, default=300)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=None, help="default: 0.01 x lr")
+    g.add_argument("--lr-warmup-iters", type=int, default=None, help="default: 5%% of train iters")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: train iters")
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 = no clipping")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights/activations, fp32 main params (GPU)")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="prefixes of .bin/.idx files, optionally weighted ('0.3 a 0.7 b'); "
+                        "with neither this nor --mock-data, a small embedded default corpus is used")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--tokenizer-type", default=None, help="HuggingFaceTokenizer or NullTokenizer")
+    g.add_argument("--tokenizer-model", default=None, help="tokenizer.json or a directory holding one")
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary of the NullTokenizer (mock data)")
+    g.add_argument("--data-cache-path", default=None, help="where sample indices and the default data are cached")
+    g.add_argument("--num-workers", type=int, default=0)
+
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state so that it loads at any TP/PP/DP layout "
+                        "(gathers it at save time); by default it reloads only at another DP size")
+    g.add_argument("--no-save-on-signal", dest="save_on_signal", action="store_false",
+                   help="do not save a checkpoint when SIGTERM/SIGINT arrives")
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default: ``sys.argv``), fill derived defaults and validate.
+
+    ``world_size`` defaults to ``$WORLD_SIZE`` (set by torchrun) or 1.
+    Raises :class:`ArgumentError` (after argparse's own usage errors).
+    """
+    args = build_parser().parse_args(argv)
+    args.world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    _fill_defaults(args)
+    validate_args(args)
+    return args
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.swiglu = args.model_style == "llama"  # the FC1 width doubles for the gate
+    args.num_query_groups = args.num_query_groups or args.num_attention_heads
+    args.kv_channels_given = args.kv_channels is not None
+    if not args.kv_channels_given and args.num_attention_heads > 0:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    args.data_parallel_size = args.world_size // model_parallel if model_parallel > 0 else 0
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
+    args.min_lr = 0.01 * args.lr if args.min_lr is None else args.min_lr
+    args.poet_lr = args.lr if args.poet_lr is None else args.poet_lr
+    if args.poet_min_lr is None:
+        args.poet_min_lr = args.poet_lr * (args.min_lr / args.lr) if args.lr > 0 else 0.0
+    args.lr_decay_iters = args.train_iters if args.lr_decay_iters is None else args.lr_decay_iters
+    if args.lr_warmup_iters is None:  # 5% of training, and fewer than the decay iterations (megatron asserts it)
+        args.lr_warmup_iters = min(max(1, args.train_iters // 20), args.lr_decay_iters - 1)
+    if args.save_interval is None:
+        args.save_interval = args.train_iters
+    if args.tokenizer_type is None:
+        args.tokenizer_type = "NullTokenizer" if args.mock_data else "HuggingFaceTokenizer"
+
+
+def _neumann_terms(text: str) -> int | None:
+    """``--poet-neumann-terms``: an integer ``k`` (validated by POETConfig) or ``exact`` (None)."""
+    if text == "exact":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer k >= 1 or 'exact', got {text!r}") from None
+
+
+def poet_config(args: argparse.Namespace) -> POETConfig | None:
+    """The :class:`POETConfig` of the run, ``None`` for ``--no-poet``."""
+    if not args.poet:
+        return None
+    return POETConfig(
+        block_size=args.poet_block_size,
+        neumann_terms=args.poet_neumann_terms,
+        mode=args.poet_mode,
+        init=args.poet_init,
+        variant=args.poet_variant,
+    )
+
+
+def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str]]:
+    """``(name, in_features, out_features, parallel)`` of each transformer linear, unsharded.
+
+    ``parallel`` is "column" (QKV, FC1: the output dimension is split across
+    tensor-parallel ranks) or "row" (attention projection, FC2: the input dimension is split).
+    """
+    qkv_out = (args.num_attention_heads + 2 * args.num_query_groups) * args.kv_channels
+    fc1_out = args.ffn_hidden_size * (2 if args.swiglu else 1)
+    return [
+        ("self_attention.linear_qkv", args.hidden_size, qkv_out, "column"),
+        ("self_attention.linear_proj", args.num_attention_heads * args.kv_channels, args.hidden_size, "row"),
+        ("mlp.linear_fc1", args.hidden_size, fc1_out, "column"),
+        ("mlp.linear_fc2", args.ffn_hidden_size, args.hidden_size, "row"),
+    ]
+
+
+def linear_shard_shapes(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """``(name, in_features, out_features)`` of each transformer linear on one TP rank.
+
+    POET's permutations live inside a rank's shard (POET_SPEC §6), so the block
+    size must divide the per-rank size of the split dimension.
+    """
+    t = args.tensor_model_parallel_size
+    return [(name, d_in // t if parallel == "row" else d_in, d_out // t if parallel == "column" else d_out)
+            for name, d_in, d_out, parallel in linear_shapes(args)]
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise :class:`ArgumentError` naming the flag to change for any invalid size."""
+    errors: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    positive = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                "eval_interval", "log_interval", "save_interval")
+    for name in positive:
+        need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if errors:
+        raise ArgumentError("invalid arguments:\n  " + "\n  ".join(errors))
+
+    t, pp, world = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.world_size
+    need(world % (t * pp) == 0,
+         f"the world size {world} (nodes x GPUs/processes per node) is not divisible by "
+         f"--tensor-model-parallel-size {t} x --pipeline-model-parallel-size {pp}; "
+         f"use sizes whose product divides {world}")
+    need(args.num_attention_heads % t == 0,
+         f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {t}")
+    need(args.num_query_groups % t == 0,
+         f"--num-query-groups {args.num_query_groups} is not divisible by --tensor-model-parallel-size {t}")
+    need(args.num_attention_heads % args.num_query_groups == 0,
+         f"--num-attention-heads {args.num_attention_heads} is not a multiple of "
+         f"--num-query-groups {args.num_query_groups}")
+    need(args.kv_channels_given or args.hidden_size % args.num_attention_heads == 0,
+         f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+         f"{args.num_attention_heads}; change one of them or set --kv-channels")
+    need(args.ffn_hidden_size % t == 0,
+         f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {t}")
+    need(args.num_layers % pp == 0,
+         f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if args.sequence_parallel:
+        need(t > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
+        need(args.seq_length % t == 0,
+             f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
+             f"--tensor-model-parallel-size {t}")
+    dp = args.data_parallel_size
+    if dp > 0:
+        need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
+             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+             f"{args.micro_batch_size} x data-parallel size {dp} (= world {world} / (TP {t} x PP {pp})); "
+             f"use a multiple of {args.micro_batch_size * dp}")
+    need(args.lr >= args.min_lr >= 0, f"need --lr {args.lr} >= --min-lr {args.min_lr} >= 0")
+    need(args.poet_lr >= args.poet_min_lr >= 0, f"need --poet-lr {args.poet_lr} >= --poet-min-lr {args.poet_min_lr} >= 0")
+    need(0 <= args.lr_warmup_iters < args.lr_decay_iters,
+         f"need 0 <= --lr-warmup-iters {args.lr_warmup_iters} < --lr-decay-iters {args.lr_decay_iters}")
+    need(args.clip_grad >= 0, f"--clip-grad must be >= 0, got {args.clip_grad}")
+    need(args.eval_iters >= 0, f"--eval-iters must be >= 0, got {args.eval_iters}")
+    need(args.poet_clip_ramp_iters >= 0, f"--poet-clip-ramp-iters must be >= 0, got {args.poet_clip_ramp_iters}")
+    if args.mock_data:
+        need(not args.data_path, "give either --data-path or --mock-data, not both")
+        need(args.tokenizer_type == "HuggingFaceTokenizer" or args.vocab_size,
+             "--mock-data with the NullTokenizer needs --vocab-size N (or --tokenizer-model PATH)")
+    if args.data_path:
+        need(args.tokenizer_model is not None,
+             "--data-path needs --tokenizer-model PATH (the tokenizer the data was preprocessed with)")
+    if args.load:
+        need(os.path.isdir(args.load), f"--load {args.load}: no such directory")
+    if args.poet:
+        _check_poet(args, need)
+    if errors:
+        raise ArgumentError("invalid arguments:\n  " + "\n  ".join(errors))
+
+
+def _check_poet(args: argparse.Namespace, need) -> None:
+    try:
+        config = poet_config(args)
+    except ValueError as e:
+        need(False, f"{e} (POET flags: --poet-block-size, --poet-neumann-terms, --poet-mode, --poet-init, "
+                    f"--poet-variant)")
+        return
+    need(args.poet_merge_interval > 0, f"--poet-merge-interval must be > 0, got {args.poet_merge_interval}")
+    need(args.poet_variant == "bs", f"--poet-variant {args.poet_variant}: the Megatron (tensor-parallel) POET layers "
+                                    f"implement the block-stochastic variant only; use --poet-variant bs "
+                                    f"(POETLinear in plain PyTorch supports 'fs')")
+    t = args.tensor_model_parallel_size
+    for name, d_in, d_out in linear_shard_shapes(args):
+        for what, dim in (("in_features", d_in), ("out_features", d_out)):
+            try:
+                config.num_blocks(dim, what, name)
+            except ValueError as e:
+                per_rank = f" per tensor-parallel rank (TP={t})" if t > 1 else ""
+                need(False, f"{e}{per_rank}; change --poet-block-size or the model sizes "
+                            f"(--hidden-size/--ffn-hidden-size/--num-attention-heads/--kv-channels)")

@@ -1,0 +1,177 @@
+"""Training logs: Megatron-style iteration lines, validation lines, TensorBoard, FLOP counting.
+
+FLOPs (multiply-add = 2 FLOPs) per token of one transformer layer, for what the
+model really computes. A linear ``(d_in -> d_out)``:
+
+- dense (``--no-poet``): forward ``2 d_in d_out``, backward ``4 d_in d_out``
+  (input gradient + weight gradient).
+- POET, block size ``b``: forward ``2 d_in d_out`` (the frozen ``A0`` GEMM) +
+  ``2 b (d_in + d_out)`` (the block rotations ``R`` and ``P``); backward
+  ``2 d_in d_out`` (input gradient only: ``A0`` has no weight gradient) +
+  ``4 b (d_in + d_out)`` (input and block gradients of both rotations).
+  ``--poet-mode mem`` recomputes the forward in backward: ``+ 2 d_in d_out + 2 b (d_in + d_out)``.
+  Building the blocks from ``Q`` (Cayley–Neumann, ``k`` terms) costs
+  ``~ 3 x 2 b^3 (k + 1)`` per block per micro-batch (forward + backward), independent
+  of the tokens; it is added per micro-batch (the copies of a replicated side
+  that tensor-parallel ranks build redundantly are not counted: not useful work).
+  The fully stochastic variant rotates ``b`` of the ``d`` coordinates with one
+  ``b x b`` block: the same formulas with ``b (d_in + d_out)`` replaced by ``2 b^2``.
+- attention scores and values: ``4 s d_attn`` forward, twice that backward (full
+  ``s x s`` products as computed, no causal discount).
+- output layer: ``6 h V`` (forward + backward); embeddings and norms are not counted.
+
+MFU = achieved FLOP/s / the GPU's dense bf16 (or fp32/tf32) peak; ``n/a`` on CPUs
+and unknown GPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import resource
+import time
+
+import torch
+
+from .arguments import linear_shapes
+
+# Dense peak TFLOP/s per GPU (bf16, tf32) from the vendors' data sheets (no sparsity).
+_PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0),
+                "L40S": (362.0, 183.0), "A10": (125.0, 62.5)}
+
+
+def _linear_flops(d_in: int, d_out: int, args: argparse.Namespace) -> tuple[float, float]:
+    """``(per-token FLOPs, per-micro-batch FLOPs)`` of one linear, forward + backward."""
+    gemm = 2.0 * d_in * d_out
+    if not args.poet:
+        return 3 * gemm, 0.0
+    b, k = args.poet_block_size, args.poet_neumann_terms or 1  # exact Cayley (None) ~ one solve ~ one term
+    if args.poet_variant == "fs":
+        rotate, blocks = 2.0 * b * (2 * b), 2
+    else:
+        rotate, blocks = 2.0 * b * (d_in + d_out), d_in // b + d_out // b
+    per_token = 2 * gemm + 3 * rotate
+    if args.poet_mode == "mem":
+        per_token += gemm + rotate
+    return per_token, 3 * 2.0 * b**3 * (k + 1) * blocks
+
+
+def flops_per_iteration(args: argparse.Namespace, vocab_size: int) -> float:
+    """Model FLOPs of one training iteration (all ranks together); see the module docstring."""
+    h, s = args.hidden_size, args.seq_length
+    tokens = args.global_batch_size * s
+    micro_batches = args.global_batch_size // args.micro_batch_size  # over all DP ranks
+    attn = args.num_attention_heads * args.kv_channels
+    per_token = per_micro = 0.0
+    for _, d_in, d_out, parallel in linear_shapes(args):
+        tok, mb = _linear_flops(d_in, d_out, args)
+        per_token, per_micro = per_token + tok, per_micro + mb
+    per_token += 3 * 4.0 * s * attn
+    total = args.num_layers * (per_token * tokens + per_micro * micro_batches)
+    return total + 6.0 * h * vocab_size * tokens
+
+
+def peak_tflops(bf16: bool) -> float | None:
+    """Dense peak TFLOP/s of this process's GPU, ``None`` on CPU or for an unknown GPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (p_bf16, p_tf32) in _PEAK_TFLOPS.items():
+        if key in name:
+            return p_bf16 if bf16 else p_tf32
+    return None
+
+
+def peak_memory_gib() -> tuple[float, str]:
+    """``(GiB, what)``: max allocated GPU memory, or the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "GPU"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "RSS"  # Linux: KiB
+
+
+class TrainingLogger:
+    """Prints iteration/validation lines on the last rank and writes TensorBoard scalars.
+
+    The last rank holds the loss when pipeline-parallel, so it logs; every
+    other rank stays silent.
+    """
+
+    def __init__(self, args: argparse.Namespace, vocab_size: int, start_iteration: int):
+        self.args = args
+        self.flops = flops_per_iteration(args, vocab_size)
+        self.peak = peak_tflops(args.bf16)
+        self.is_logger = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        self.writer = None
+        if self.is_logger and args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
+        self.start_iteration = start_iteration
+        self._window_start = time.time()
+        self._window_iters = 0
+        self._run_start = time.time()
+
+    def print(self, message: str) -> None:
+        if self.is_logger:
+            print(message, flush=True)
+
+    def iteration(self, iteration: int, consumed_samples: int, lr: float, loss: float,
+                  grad_norm: float | None, merges: int, orth_error: float | None) -> None:
+        """Count an iteration; every ``--log-interval`` print the averaged line. Returns whether it printed.
+
+        ``orth_error`` is the largest POET orthogonality error measured since the previous line.
+        """
+        self._window_iters += 1
+        if iteration % self.args.log_interval and iteration != self.args.train_iters:
+            return False
+        now = time.time()
+        seconds = (now - self._window_start) / max(self._window_iters, 1)
+        self._window_start, self._window_iters = now, 0
+        world = torch.distributed.get_world_size()
+        tokens_per_s = self.args.global_batch_size * self.args.seq_length / seconds / world
+        tflops = self.flops / seconds / world / 1e12
+        mfu = f"{100 * tflops / self.peak:.1f}%" if self.peak else "n/a"
+        mem, where = peak_memory_gib()
+        eta = datetime.timedelta(seconds=round(seconds * (self.args.train_iters - iteration)))
+        fields = [
+            f"iteration {iteration:8d}/{self.args.train_iters:8d}",
+            f"consumed samples: {consumed_samples:12d}",
+            f"elapsed time per iteration (ms): {1000 * seconds:.1f}",
+            f"learning rate: {lr:.6E}",
+            f"global batch size: {self.args.global_batch_size:5d}",
+            f"lm loss: {loss:.6E}",
+            f"grad norm: {grad_norm:.3f}" if grad_norm is not None else "grad norm: n/a",
+            f"tokens/s/GPU: {tokens_per_s:.0f}",
+            f"TFLOP/s/GPU: {tflops:.3g}",
+            f"MFU: {mfu}",
+            f"peak mem ({where}): {mem:.2f} GiB",
+        ]
+        if self.args.poet:
+            fields += [f"merges: {merges}", f"max orth err: {orth_error:.1e}"]
+        fields.append(f"ETA {eta}")
+        self.print(f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] " + " | ".join(fields))
+        if self.writer:
+            scalars = {"lm loss": loss, "learning-rate": lr, "tokens-per-sec-per-gpu": tokens_per_s,
+                       "tflops-per-gpu": tflops, "iteration-time-ms": 1000 * seconds, "peak-mem-gib": mem}
+            if grad_norm is not None:
+                scalars["grad-norm"] = grad_norm
+            if self.args.poet:
+                scalars.update({"poet/merges": merges, "poet/max-orthogonality-error": orth_error})
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, iteration)
+            self.writer.flush()
+        return True
+
+    def validation(self, iteration: int, loss: float, label: str = "validation") -> None:
+        ppl = math.exp(min(loss, 20.0))
+        line = f" {label} loss at iteration {iteration} | lm loss: {loss:.6E} | lm loss PPL: {ppl:.6E} "
+        bar = "-" * len(line)
+        self.print(f"{bar}\n{line}\n{bar}")
+        if self.writer:
+            self.writer.add_scalar(f"{label}/lm loss", loss, iteration)
+            self.writer.add_scalar(f"{label}/lm loss ppl", ppl, iteration)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

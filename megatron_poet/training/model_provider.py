@@ -1,0 +1,62 @@
+"""Build the GPT model of a run from the parsed arguments (the one place the program makes a model).
+
+Delegates to :mod:`megatron_poet.megatron.model`: ``--model-style llama``
+(RMSNorm, SwiGLU, RoPE, GQA, no biases, untied embeddings) or ``gpt2``
+(LayerNorm, GELU, biases, learned positions, tied embeddings); ``--no-poet``
+keeps Megatron's own linears (the AdamW baseline).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .arguments import poet_config
+
+
+def transformer_config(args: argparse.Namespace):
+    """megatron-core ``TransformerConfig`` of the run (Megatron's flag semantics)."""
+    from megatron_poet.megatron.model import gpt2_config, llama_config
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    common = dict(
+        ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype,
+        # Fusions need Apex/TE kernels; off so the same config runs on any device.
+        bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False,
+    )
+    if args.model_style == "llama":
+        return llama_config(args.num_layers, args.hidden_size, args.num_attention_heads, **common)
+    return gpt2_config(args.num_layers, args.hidden_size, args.num_attention_heads, **common)
+
+
+def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
+    """Megatron's padding: a multiple of ``make_vocab_size_divisible_by x TP`` (even vocab shards)."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model(args: argparse.Namespace, vocab_size: int):
+    """A megatron-core ``GPTModel`` for this pipeline stage on the current device.
+
+    Args:
+        args: parsed arguments (model sizes, ``--model-style``, POET flags, ``--seed``).
+        vocab_size: padded vocabulary size (:func:`padded_vocab_size`).
+    Raises ValueError for a layout the layers cannot take (listed by the megatron builders).
+    """
+    from megatron_poet.megatron.model import build_gpt2_model, build_llama_model
+
+    config = transformer_config(args)
+    if args.model_style == "llama":
+        model = build_llama_model(config, poet_config(args), vocab_size, args.max_position_embeddings,
+                                  seed=args.seed, rotary_base=args.rotary_base)
+    else:
+        model = build_gpt2_model(config, poet_config(args), vocab_size, args.max_position_embeddings, seed=args.seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return model.to(device)

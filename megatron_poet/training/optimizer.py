@@ -1,0 +1,208 @@
+"""The optimizer seam: everything the training loop asks of an optimizer.
+
+The loop only talks to a :class:`TrainingOptimizer`: ``zero_grad``, ``step``
+(clip, update, advance the LR schedule), ``reset_poet_state`` (the merge),
+``learning_rate`` and the checkpoint hooks. :class:`MegatronTrainingOptimizer`
+implements it with megatron-core's ``get_megatron_optimizer`` (plain or
+``--use-distributed-optimizer``) and ``OptimizerParamScheduler``; a DeepSpeed
+ZeRO engine is another implementation of the same class interface.
+
+Hyper-parameters (POET_SPEC §3): POET factors use Adam without weight decay at
+``--poet-lr`` (scheduled to ``--poet-min-lr``; no hidden scale); everything
+else AdamW at ``--lr`` with weight decay, except 1-D parameters and biases
+(Megatron's usual no-decay rule). POET factors get optimizer parameter groups
+of their own, so an optimizer that keeps its Adam step per group (apex/TE
+FusedAdam) can reset it at a merge.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+from torch import nn
+
+from megatron_poet.poet.optim import poet_modules
+
+from megatron_poet.megatron.optimizer_state import (
+    leaf_optimizers, per_param_steps_from_groups, reset_poet_optimizer_state, restore_poet_steps, shared_step_for_save,
+)
+
+# Attribute set on POET parameters so megatron's ParamKey(attr=...) can select them.
+POET_PARAM_ATTR = "is_poet_parameter"
+# Key of every optimizer parameter group: whether it holds POET factors.
+POET_GROUP_KEY = "is_poet"
+
+
+def poet_parameters(model_chunks: list[nn.Module]) -> list[nn.Parameter]:
+    """The POET factor parameters of all model chunks, in module order."""
+    return [p for chunk in model_chunks for m in poet_modules(chunk) for p in m.poet_parameters()]
+
+
+class TrainingOptimizer:
+    """Interface of an optimizer as the training loop uses it (see module docstring)."""
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def step(self) -> tuple[bool, float | None]:
+        """Clip, update and advance the schedule by one iteration; ``(updated, grad norm)``."""
+        raise NotImplementedError
+
+    def reset_poet_state(self, params: list[nn.Parameter]) -> None:
+        """After a POET merge: zero the optimizer's copies of ``params`` and forget their Adam state."""
+        raise NotImplementedError
+
+    def learning_rate(self) -> float:
+        raise NotImplementedError
+
+    def set_clip_scale(self, scale: float) -> None:
+        """Multiply the configured gradient-clip threshold by ``scale`` (<= 1) from the next step."""
+        raise NotImplementedError
+
+
+class MegatronTrainingOptimizer(TrainingOptimizer):
+    """megatron-core optimizer + ``OptimizerParamScheduler`` (iterations as scheduler steps).
+
+    Attributes:
+        optimizer: the ``MegatronOptimizer`` (possibly a ``ChainedOptimizer``).
+        scheduler: its ``OptimizerParamScheduler``.
+    """
+
+    def __init__(self, args: argparse.Namespace, model_chunks: list[nn.Module]):
+        from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+        from megatron.core.optimizer import get_standard_config_overrides
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.poet_params = poet_parameters(model_chunks)
+        for p in self.poet_params:
+            setattr(p, POET_PARAM_ATTR, True)
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+        overrides = get_standard_config_overrides(config)
+        if self.poet_params:
+            overrides[ParamKey(attr=POET_PARAM_ATTR)] = {
+                "max_lr": args.poet_lr, "min_lr": args.poet_min_lr, "wd_mult": 0.0, POET_GROUP_KEY: True,
+            }
+        self.optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+        _identify_groups_by_poet_flag(self.optimizer)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters,
+            lr_decay_steps=args.lr_decay_iters,
+            lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay,
+            end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters,
+            wd_incr_style="constant",
+        )
+        self._configs = [leaf.config for leaf in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        self._configs.append(self.optimizer.config)
+        self._clip_grad = args.clip_grad
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self) -> tuple[bool, float | None]:
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        return updated, grad_norm
+
+    def reset_poet_state(self, params: list[nn.Parameter]) -> None:
+        reset_poet_optimizer_state(self.optimizer, params)
+
+    def learning_rate(self) -> float:
+        """The lr of the ``--lr`` schedule (POET groups follow ``--poet-lr``)."""
+        from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+
+        return get_canonical_lr_for_logging(self.optimizer.param_groups)
+
+    def set_clip_scale(self, scale: float) -> None:
+        for config in self._configs:
+            config.clip_grad = self._clip_grad * scale
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
+                           metadata: dict | None = None) -> dict:
+        """Optimizer part of a dist_checkpointing state dict (``optimizer`` and ``opt_param_scheduler``).
+
+        ``metadata`` is megatron's sharded-state-dict metadata (e.g. ``distrib_optim_sharding_type``).
+        """
+        if is_loading:
+            self._init_state_for_loading()
+        return {
+            "optimizer": self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading, metadata=metadata),
+            "opt_param_scheduler": self.scheduler.state_dict(),
+        }
+
+    @torch.no_grad()
+    def _init_state_for_loading(self) -> None:
+        """Give every parameter an Adam state (zeros, step 0) for the loaded values to land in.
+
+        The distributed optimizer's ``sharded_state_dict(is_loading=True)`` reads the
+        per-parameter ``step`` of torch's Adam before anything is loaded, and a
+        fresh optimizer has no state yet.
+        """
+        for leaf in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = leaf.optimizer
+            per_param_step = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    state = inner.state[p]
+                    if not state:
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                        if per_param_step:
+                            state["step"] = torch.zeros((), dtype=torch.float32)
+
+    def saving(self) -> contextlib.AbstractContextManager:
+        """Context for building and writing a checkpoint (uniform Adam steps, see :mod:`megatron_poet.megatron.optimizer_state`)."""
+        return shared_step_for_save(self.optimizer, self.poet_params)
+
+    def load_state_dict(self, state: dict, steps_since_merge: int) -> None:
+        """Restore from a loaded :meth:`sharded_state_dict`; POET Adam steps from the merge counter."""
+        with torch.no_grad():  # megatron copies into fp32 shards that view leaf parameters
+            self.optimizer.load_state_dict(state["optimizer"])
+        per_param_steps_from_groups(self.optimizer)
+        self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        restore_poet_steps(self.optimizer, self.poet_params, steps_since_merge)
+
+
+def _identify_groups_by_poet_flag(optimizer) -> None:
+    """Make megatron pair saved and current parameter groups correctly on load.
+
+    megatron matches a checkpoint's groups to the optimizer's by a tuple of group
+    keys (``param_group_identifier_keys``): in 0.16.1 only ``wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr``, so the POET group (no weight decay)
+    and the no-decay group collide and a load fails or, worse, pairs one group's
+    state with the other's parameters; 0.19 adds ``max_lr``/``min_lr``, which still
+    collide when ``--poet-lr`` equals ``--lr``. Every group gets ``is_poet`` and
+    the identifier gets that key, in every version.
+    """
+    import megatron.core.optimizer.optimizer as megatron_optimizer
+
+    if POET_GROUP_KEY not in megatron_optimizer.param_group_identifier_keys:
+        megatron_optimizer.param_group_identifier_keys = (
+            *megatron_optimizer.param_group_identifier_keys, POET_GROUP_KEY)
+    for leaf in leaf_optimizers(optimizer):
+        for group in leaf.optimizer.param_groups:
+            group.setdefault(POET_GROUP_KEY, False)
+
+
+def build_optimizer(args: argparse.Namespace, model_chunks: list[nn.Module]) -> TrainingOptimizer:
+    """THE seam: the optimizer implementation for ``args`` (megatron-core's today)."""
+    return MegatronTrainingOptimizer(args, model_chunks)

@@ -1,0 +1,148 @@
+"""Pretraining program: ``torchrun ... -m megatron_poet.training.pretrain [Megatron/POET flags]``.
+
+Order of work, so that bad input fails before anything expensive:
+arguments -> checkpoint shape check -> process groups -> tokenizer and data ->
+model -> DDP -> optimizer -> checkpoint load -> training loop. With neither
+``--data-path`` nor ``--mock-data`` it trains on the data helper's built-in
+corpus (generated and cached on first use; no network needed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterator
+
+import torch
+
+from .arguments import ArgumentError, parse_args
+from .checkpointing import CheckpointError, check_checkpoint_args, load_checkpoint
+from .logging import TrainingLogger
+from .model_provider import build_model, padded_vocab_size
+from .optimizer import build_optimizer
+from .train import TrainingState, train
+
+
+def _setup_data(args: argparse.Namespace):
+    """Tokenizer and (train, valid) datasets; fills ``args.data_path``/``tokenizer_model`` for the default corpus."""
+    from megatron_poet.data import build_tokenizer, build_train_valid_test_datasets, prepare_default_data
+
+    if not args.data_path and not args.mock_data:
+        prefix, tokenizer_path = prepare_default_data(args.data_cache_path)
+        args.data_path, args.tokenizer_model = [prefix], tokenizer_path
+        args.tokenizer_type = "HuggingFaceTokenizer"
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    args.vocab_size_unpadded = tokenizer.vocab_size
+    eval_samples = args.eval_iters * args.global_batch_size
+    train_ds, valid_ds, _ = build_train_valid_test_datasets(
+        tokenizer, args.seq_length, (args.train_iters * args.global_batch_size, eval_samples, eval_samples),
+        data_path=args.data_path, split=args.split, mock=args.mock_data, seed=args.seed,
+        path_to_cache=args.data_cache_path, create_attention_mask=False,
+    )
+    return tokenizer, train_ds, valid_ds
+
+
+def _wrap_ddp(args: argparse.Namespace, model: torch.nn.Module, config) -> torch.nn.Module:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.bf16,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    ddp.broadcast_params()  # identical replicas whatever the per-rank init did
+    return ddp
+
+
+def _iterate(loader) -> Iterator[dict]:
+    """``iter(loader)`` without touching the global RNG.
+
+    A DataLoader draws a base seed from the default generator when an iterator
+    is made; isolating it keeps a resumed run's dropout RNG identical to an
+    uninterrupted run's (whose iterator was made at a different moment).
+    """
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.bf16 and not torch.cuda.is_available():
+            raise ArgumentError("--bf16 needs CUDA GPUs (megatron's mixed-precision optimizer); drop it on CPU")
+    except ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_poet.data import DataError, build_pretraining_data_loader
+    from megatron_poet.megatron.cpu_backend import cpu_backend_active, destroy_distributed, initialize_distributed
+    from megatron_poet.megatron.gloo_collectives import enable_distributed_optimizer_on_cpu
+
+    backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    try:
+        if args.use_distributed_optimizer and cpu_backend_active():
+            enable_distributed_optimizer_on_cpu()
+        try:
+            tokenizer, train_ds, valid_ds = _setup_data(args)
+            check_checkpoint_args(args)
+        except (DataError, CheckpointError, ValueError) as e:
+            if torch.distributed.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+
+        vocab = padded_vocab_size(args.vocab_size_unpadded, args)
+        try:
+            model = build_model(args, vocab)
+        except ValueError as e:
+            if torch.distributed.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        # One config object for the model, its DDP wrapper and the schedules: megatron's
+        # schedules read their hooks (finalize_model_grads_func, ...) from the wrapper's config.
+        config = model.config
+        model_chunks = [_wrap_ddp(args, model, config)]
+        optimizer = build_optimizer(args, model_chunks)
+        merge_scheduler = None
+        if args.poet:
+            from megatron_poet.poet.optim import MergeScheduler
+
+            merge_scheduler = MergeScheduler(model, args.poet_merge_interval,
+                                             reset_optimizer_state=optimizer.reset_poet_state, seed=args.seed)
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.optimizer.scale_loss
+        if args.overlap_grad_reduce:
+            config.no_sync_func = model_chunks[0].no_sync
+
+        iteration, consumed = load_checkpoint(args, model_chunks, optimizer, merge_scheduler) if args.load else (0, 0)
+        state = TrainingState(iteration, consumed)
+        logger = TrainingLogger(args, vocab, iteration)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.print(
+            f" megatron_poet pretraining: {'POET' if args.poet else 'AdamW baseline'}, backend {backend}, "
+            f"world {args.world_size} (TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, "
+            f"DP {args.data_parallel_size}), {n_params:,} trainable parameters per model-parallel rank, "
+            f"vocab {args.vocab_size_unpadded} (padded {vocab}), data {' '.join(args.data_path or ['mock'])}"
+        )
+        if iteration:
+            logger.print(f" resumed from {args.load} at iteration {iteration} ({consumed} consumed samples)")
+
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        train_loader = build_pretraining_data_loader(train_ds, consumed, args.micro_batch_size, dp_rank, dp_size,
+                                                     args.num_workers)
+
+        def make_valid_iterator():
+            return _iterate(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size))
+
+        train(args, model_chunks, optimizer, merge_scheduler, _iterate(train_loader),
+              make_valid_iterator if valid_ds is not None else None, state, logger)
+        logger.close()
+        return 0
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

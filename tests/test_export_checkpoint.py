@@ -1,0 +1,218 @@
+"""tools/convert_to_hf.py end to end: training checkpoints -> transformers (CPU, 1-2 min on 2 cores).
+
+Each case trains a tiny model with the training program (torchrun, CPU/gloo) for
+3 iterations, POET runs merging after iteration 2, so the checkpoint holds a
+merged A0 plus trained factors. The reference is the training program's own
+model at the run's TP size evaluated on the checkpoint (tests/_export_reference.py:
+POET layers apply R, A0, P in turn and never form P A0 R). The export, converted
+in one process at TP=1, must give transformers logits within 1e-4 (fp32) and the
+same greedy generations (20 new tokens or up to eos, on prompts without near-ties).
+
+Also here (fast): clear errors for unreadable checkpoints, and no code execution
+from a malicious checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _export_utils import assert_same_greedy, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+needs_corpus = pytest.mark.skipif(not os.path.isfile(CORPUS), reason=f"corpus {CORPUS} not found")
+
+# --make-vocab-size-divisible-by 48: the 320-token vocabulary pads to 336 at TP=1 but 384 at
+# TP=2, so the converter must take the padded size from the checkpoint, not recompute it.
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+        "--seq-length", "32", "--micro-batch-size", "4", "--lr", "3e-3", "--poet-lr", "3e-3",
+        "--poet-block-size", "16", "--poet-merge-interval", "2", "--train-iters", "3", "--log-interval", "1",
+        "--eval-interval", "100", "--eval-iters", "1", "--make-vocab-size-divisible-by", "48"]
+CASES = {  # name: (extra training flags, TP size); llama style: untied, no biases; gpt2: tied, biases
+    "poet_tp2": ([], 2),
+    "poet_tp1": ([], 1),
+    "no_poet_tp2": (["--no-poet"], 2),
+    "gpt2_poet_tp2": (["--model-style", "gpt2", "--num-query-groups", "4"], 2),  # GPT-2 has no GQA
+}
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def torchrun(nproc: int, target: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", free_port(), *target]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[list[str], str]:
+    """(training data flags, tokenizer directory): tinyshakespeare with a 320-token BPE."""
+    from megatron_poet.data import preprocess_corpus
+
+    prefix = str(tmp_path_factory.mktemp("data") / "shakespeare")
+    stats = preprocess_corpus(CORPUS, prefix, train_tokenizer_vocab_size=320, append_eod=True, progress=False)
+    flags = ["--data-path", prefix, "--tokenizer-model", stats.tokenizer_path,
+             "--data-cache-path", str(tmp_path_factory.mktemp("cache"))]
+    return flags, stats.tokenizer_path
+
+
+def train_and_reference(data_flags: list[str], name: str, tmp_path) -> tuple[str, dict]:
+    """Train case ``name``; return (checkpoint root, reference outputs of its last checkpoint)."""
+    extra, tp = CASES[name]
+    ckpt = str(tmp_path / "ckpt")
+    argv = data_flags + TINY + extra + ["--tensor-model-parallel-size", str(tp)]
+    reference = str(tmp_path / "reference.pt")
+    torchrun(tp, [os.path.join(ROOT, "tests", "_export_reference.py"), reference, "--", *argv, "--save", ckpt])
+    if "--no-poet" not in extra:  # the export must see a merged A0 and factors trained after it
+        from megatron_poet.export.checkpoint import read_common_state
+
+        merges = read_common_state(os.path.join(ckpt, "iter_0000003"))["merge_scheduler"]
+        assert merges["merges_done"] == 1 and merges["steps_since_merge"] == 1, merges
+    return ckpt, torch.load(reference)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """``trained(name) -> (checkpoint root, reference outputs)``; each case is trained once per module."""
+    cache = {}
+
+    def get(name: str) -> tuple[str, dict]:
+        if name not in cache:
+            cache[name] = train_and_reference(data[0], name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+def assert_matches_reference(hf_dir: str, ref: dict) -> None:
+    """fp32 logits within 1e-4 (same function, different operation order: ~1e-6 observed); same greedy
+    tokens on the reference prompts whose greedy path has no near-tie."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(ref["tokens"]).logits
+    diff = (logits - ref["logits"]).abs().max().item()
+    assert diff <= 1e-4, f"max |logits difference| {diff:.3e}"
+    assert_same_greedy(hf, ref["prompts"], ref["greedy"], ref["margins"])
+
+
+@needs_corpus
+def test_cli_poet_tp2(data, trained, tmp_path):
+    """The command line on a POET run at TP=2; tokenizer round trip."""
+    tokenizer = data[1]
+    ckpt, ref = trained("poet_tp2")
+    out_dir = str(tmp_path / "hf")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "convert_to_hf.py"), "--load", ckpt, "--output", out_dir,
+           "--tokenizer", tokenizer, "--no-progress"]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-5000:]
+    assert "llama-style" in out.stdout and "8 POET layers folded" in out.stdout
+    config = json.loads(open(os.path.join(out_dir, "config.json")).read())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 320
+    assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is False
+    assert_matches_reference(out_dir, ref)
+
+    from transformers import AutoTokenizer
+
+    from megatron_poet.data import load_hf_tokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(out_dir)
+    text = "To be, or not to be: that is the question.\n  Whether 'tis nobler ... ünïcödé"
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == load_hf_tokenizer(tokenizer).tokenize(text)  # the ids the model was trained on
+    assert hf_tok.decode(ids) == text
+    generation = json.loads(open(os.path.join(out_dir, "generation_config.json")).read())
+    assert generation["eos_token_id"] == hf_tok.eos_token_id == load_hf_tokenizer(tokenizer).eod
+
+
+@needs_corpus
+@pytest.mark.parametrize("name", ["poet_tp1", "no_poet_tp2", "gpt2_poet_tp2"])
+def test_convert_checkpoint(data, trained, tmp_path, name):
+    from megatron_poet.export.from_checkpoint import convert_checkpoint
+
+    ckpt, ref = trained(name)
+    result = convert_checkpoint(ckpt, str(tmp_path / "hf"), tokenizer=data[1], progress=False)
+    assert result.iteration == 3 and result.poet_layers == (0 if name.startswith("no_poet") else 8)
+    assert result.spec.architecture == ("gpt2" if name.startswith("gpt2") else "llama")
+    assert_matches_reference(str(tmp_path / "hf"), ref)
+
+
+@needs_corpus
+def test_checkpoint_of_another_model_is_refused(data, trained, tmp_path):
+    """Arguments claiming POET over --no-poet tensors: the missing POET tensors are named."""
+    from megatron_poet.export.checkpoint import CheckpointReadError, read_common_state
+    from megatron_poet.export.from_checkpoint import convert_checkpoint
+
+    source = os.path.join(trained("no_poet_tp2")[0], "iter_0000003")
+    ckpt = tmp_path / "iter_0000003"
+    shutil.copytree(source, ckpt)
+    common = read_common_state(str(ckpt))
+    common["args"]["poet"] = True
+    torch.save(common, ckpt / "common.pt")
+    with pytest.raises(CheckpointReadError, match="lacks tensors .*base_weight"):
+        convert_checkpoint(str(ckpt), str(tmp_path / "hf"), tokenizer=data[1], progress=False)
+
+
+def test_unreadable_checkpoints_fail_clearly(tmp_path):
+    from megatron_poet.export.checkpoint import CheckpointReadError, resolve_checkpoint
+
+    with pytest.raises(CheckpointReadError, match="does not exist"):
+        resolve_checkpoint(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointReadError, match="no latest_checkpointed_iteration.txt"):
+        resolve_checkpoint(str(tmp_path))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("soon\n")
+    with pytest.raises(CheckpointReadError, match="not an iteration number"):
+        resolve_checkpoint(str(tmp_path))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")
+    with pytest.raises(CheckpointReadError, match="iter_0000007 does not exist"):
+        resolve_checkpoint(str(tmp_path))
+    (tmp_path / "iter_0000007").mkdir()
+    with pytest.raises(CheckpointReadError, match="incomplete"):
+        resolve_checkpoint(str(tmp_path))
+
+
+class _Exploit:
+    """Pickles to a call of ``os.system``: unpickling it unsafely would create ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def _fake_checkpoint(directory) -> None:
+    directory.mkdir()
+    (directory / "metadata.json").write_text(json.dumps(
+        {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+         "common_backend": "torch", "common_backend_version": 1}))
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    from megatron_poet.export.checkpoint import CheckpointReadError, read_common_state, read_tensor_shapes
+
+    pwned = tmp_path / "pwned"
+    ckpt = tmp_path / "iter_0000001"
+    _fake_checkpoint(ckpt)
+    with open(ckpt / ".metadata", "wb") as f:  # the tensor index, normally read with plain pickle.load
+        pickle.dump(_Exploit(pwned), f)
+    with pytest.raises(CheckpointReadError, match="refusing to unpickle"):
+        read_tensor_shapes(str(ckpt))
+    torch.save({"args": _Exploit(pwned)}, ckpt / "common.pt")  # the common state, read with torch.load
+    with pytest.raises(CheckpointReadError, match="Weights only load failed|weights_only"):
+        read_common_state(str(ckpt))
+    assert not pwned.exists()

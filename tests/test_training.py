@@ -1,0 +1,223 @@
+"""End-to-end tests of the pretraining program (``python -m megatron_poet.training.pretrain``) on CPU.
+
+Every run is a real torchrun (or plain python) subprocess on a tiny Llama-style
+model (hidden 64, 2 layers, seq 32, POET block 16) over tinyshakespeare,
+tokenized once per session with a locally trained 320-token BPE. The runs share
+one checkpoint directory in a fixed order (uninterrupted run, first half,
+killed save, resume), each test asserting on its own part.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "4", "--lr", "1e-2", "--poet-lr", "1e-2", "--poet-block-size", "16",
+        "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1", "--make-vocab-size-divisible-by", "64"]
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?\| lm loss: (\S+) ")
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(CORPUS), reason=f"corpus {CORPUS} not found")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The pretraining program under torchrun with ``nproc`` CPU processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port()), "-m", "megatron_poet.training.pretrain", *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+    return out
+
+
+def losses(out: subprocess.CompletedProcess) -> dict[int, str]:
+    """Iteration -> printed training loss (the exact text, for bitwise comparisons)."""
+    return {int(i): loss for i, loss in LOSS.findall(out.stdout)}
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> list[str]:
+    """``--data-path/--tokenizer-model`` flags of tinyshakespeare, preprocessed once per session."""
+    from megatron_poet.data import preprocess_corpus
+
+    prefix = str(tmp_path_factory.mktemp("data") / "shakespeare")
+    stats = preprocess_corpus(CORPUS, prefix, train_tokenizer_vocab_size=320, append_eod=True, progress=False)
+    return ["--data-path", prefix, "--tokenizer-model", stats.tokenizer_path, "--data-cache-path",
+            str(tmp_path_factory.mktemp("cache"))]
+
+
+RESUME = ["--train-iters", "8", "--poet-merge-interval", "3", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(data) -> dict[int, str]:
+    """Losses of 8 POET iterations straight (merges after iterations 3 and 6, dropout on)."""
+    return losses(run(data + TINY + RESUME))
+
+
+@pytest.fixture(scope="session")
+def first_half(data, tmp_path_factory) -> str:
+    """Checkpoint directory after iterations 1-4 of the same run (stopped by --exit-interval)."""
+    ckpt = str(tmp_path_factory.mktemp("ckpt"))
+    out = run(data + TINY + RESUME + ["--save", ckpt, "--save-interval", "2", "--exit-interval", "4"])
+    assert "stopping at iteration 4" in out.stdout
+    return ckpt
+
+
+def test_poet_loss_falls(uninterrupted):
+    first, last = float(uninterrupted[1]), float(uninterrupted[8])
+    assert len(uninterrupted) == 8
+    assert last < first - 0.3, uninterrupted
+
+
+def test_kill_during_save_keeps_previous_checkpoint(data, first_half, tmp_path):
+    """SIGKILL while iteration 6 is being saved: the marker stays on 4 and 4 still loads."""
+    from megatron_poet.training.checkpointing import MARKER, latest_iteration
+
+    hung = tmp_path / "in_save"
+    driver = tmp_path / "hang_in_save.py"
+    driver.write_text(
+        "import os, sys, time\n"
+        "from megatron.core import dist_checkpointing\n"
+        "original = dist_checkpointing.save\n"
+        "def save(state, path, *args, **kwargs):\n"
+        "    original(state, path, *args, **kwargs)  # every file of iter_0000006 written ...\n"
+        f"    open({str(hung)!r}, 'w').close()\n"
+        "    time.sleep(600)  # ... killed before the marker moves\n"
+        "dist_checkpointing.save = save\n"
+        "if __name__ == '__main__':  # dist_checkpointing spawns a helper that imports this file\n"
+        "    from megatron_poet.training.pretrain import main\n"
+        "    sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    args = data + TINY + RESUME + ["--load", first_half, "--save", first_half, "--save-interval", "2"]
+    proc = subprocess.Popen([sys.executable, str(driver), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not hung.exists():
+            assert proc.poll() is None, "the run ended before saving iteration 6"
+            assert time.time() < deadline, "the save of iteration 6 never started"
+            time.sleep(0.2)
+        assert latest_iteration(first_half) == 4  # the files of 6 exist, the marker is not moved yet
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert os.path.isdir(os.path.join(first_half, "iter_0000006"))
+    assert open(os.path.join(first_half, MARKER)).read().strip() == "4"
+
+
+def test_resume_is_bitwise_identical(data, first_half, uninterrupted):
+    """Iterations 5-8 after a load (following the killed save) print the uninterrupted run's losses exactly.
+
+    Tolerance: none; the printed losses (7 significant digits) must be equal
+    strings. On CPU with 1 thread the whole computation is deterministic, so any
+    difference means a piece of state (optimizer, schedule, RNG, data position,
+    POET permutations or merge counter) was not restored.
+    """
+    out = run(data + TINY + RESUME + ["--load", first_half, "--save", first_half, "--save-interval", "2"])
+    assert "resumed from" in out.stdout and "at iteration 4" in out.stdout
+    resumed = losses(out)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert resumed == {i: uninterrupted[i] for i in range(5, 9)}
+
+
+def test_no_poet_baseline_trains(data):
+    out = run(data + TINY + ["--no-poet", "--train-iters", "6"])
+    got = losses(out)
+    assert "AdamW baseline" in out.stdout
+    assert float(got[6]) < float(got[1]) - 0.3, got
+
+
+def test_tensor_parallel_2(data):
+    out = run(data + TINY + ["--train-iters", "6", "--tensor-model-parallel-size", "2",
+                             "--poet-merge-interval", "3"], nproc=2)
+    got = losses(out)
+    assert "TP 2" in out.stdout and "merges: 2" in out.stdout
+    assert float(got[6]) < float(got[1]) - 0.3, got
+
+
+def test_data_parallel_2_distributed_optimizer_merge_and_resume(data, tmp_path):
+    """DP=2 with the distributed optimizer: merges reset the sharded Adam state, and a run
+    resumed from iteration 3 (one step after the first merge) reproduces iterations 4-6 bitwise."""
+    from megatron_poet.training.checkpointing import _write_marker
+
+    ckpt = str(tmp_path / "ckpt")
+    common = data + TINY + ["--train-iters", "6", "--global-batch-size", "8", "--poet-merge-interval", "2",
+                            "--use-distributed-optimizer", "--save", ckpt, "--save-interval", "3"]
+    out = run(common, nproc=2)
+    straight = losses(out)
+    assert "DP 2" in out.stdout and "merges: 3" in out.stdout
+    assert float(straight[6]) < float(straight[1]) - 0.3, straight
+    _write_marker(ckpt, 3)  # resume from the first of the two checkpoints
+    resumed = losses(run(common + ["--load", ckpt], nproc=2))
+    assert resumed == {i: straight[i] for i in (4, 5, 6)}
+
+
+def _parse(argv: list[str], world_size: int = 1):
+    from megatron_poet.training.arguments import parse_args
+
+    return parse_args(argv, world_size=world_size)
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--hidden-size", "64", "--poet-block-size", "24"], 1, "not divisible by block_size=24"),
+    (["--hidden-size", "64", "--ffn-hidden-size", "96", "--poet-block-size", "32",
+      "--tensor-model-parallel-size", "2"], 2, "per tensor-parallel rank (TP=2)"),
+    (["--poet-neumann-terms", "-1"], 1, "neumann_terms"),
+    (["--tensor-model-parallel-size", "2"], 3, "world size 3"),
+    (["--num-attention-heads", "6", "--hidden-size", "96", "--tensor-model-parallel-size", "4",
+      "--poet-block-size", "8"], 4, "--num-attention-heads 6 is not divisible by --tensor-model-parallel-size 4"),
+    (["--micro-batch-size", "4", "--global-batch-size", "12"], 2, "--global-batch-size 12 is not divisible"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2, "--num-layers 3"),
+    (["--sequence-parallel"], 1, "--sequence-parallel needs"),
+    (["--poet-variant", "fs"], 1, "block-stochastic variant only"),
+    (["--poet-neumann-terms", "0"], 1, "neumann_terms must be an integer >= 1"),
+    (["--train-iters", "10", "--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 < --lr-decay-iters 10"),
+])
+def test_bad_sizes_fail_before_work(argv, world, message):
+    from megatron_poet.training.arguments import ArgumentError
+
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        _parse(argv, world)
+
+
+def test_bad_input_exits_with_message_before_training():
+    """The program itself: exit code 2 and the message, without starting any process group."""
+    out = subprocess.run([sys.executable, "-m", "megatron_poet.training.pretrain", "--poet-block-size", "48"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "not divisible by block_size=48" in out.stderr and "--poet-block-size" in out.stderr
+
+
+def test_load_of_another_model_shape_fails(data, first_half):
+    from megatron_poet.training.checkpointing import CheckpointError, check_checkpoint_args
+
+    args = _parse(data + TINY + ["--hidden-size", "128", "--load", first_half])
+    args.vocab_size_unpadded = 320
+    with pytest.raises(CheckpointError, match=r"--hidden-size: checkpoint 64, command line 128"):
+        check_checkpoint_args(args)
+    same = _parse(data + TINY + ["--load", first_half])
+    same.vocab_size_unpadded = 320
+    assert check_checkpoint_args(same) in (4, 6, 8)
