@@ -32,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 SEQ, GLOBAL_BATCH, VOCAB, STEPS, MERGE_EVERY = 16, 4, 128, 5, 2
 

@@ -150,12 +150,26 @@ def test_no_poet_baseline_trains(data):
     assert float(got[6]) < float(got[1]) - 0.3, got
 
 
-def test_tensor_parallel_2(data):
-    out = run(data + TINY + ["--train-iters", "6", "--tensor-model-parallel-size", "2",
-                             "--poet-merge-interval", "3"], nproc=2)
+def test_tensor_parallel_2_and_resume_at_tp_1(data, tmp_path):
+    """TP=2 trains; its iteration-3 checkpoint resumed at TP=1 gives the TP=2 run's next loss.
+
+    The vocabulary is padded to a multiple of 32 x TP, so 320 tokens pad to 320 at both
+    sizes: padded logits enter the softmax, and a different padding would change the loss.
+    Tolerance 1e-5 relative: TP=2 and TP=1 sum the same products in another order (fp32).
+    """
+    ckpt = str(tmp_path / "ckpt")
+    common = data + TINY + ["--train-iters", "6", "--poet-merge-interval", "3", "--make-vocab-size-divisible-by",
+                            "32", "--save", ckpt, "--save-interval", "3"]
+    out = run(common + ["--tensor-model-parallel-size", "2"], nproc=2)
     got = losses(out)
     assert "TP 2" in out.stdout and "merges: 2" in out.stdout
     assert float(got[6]) < float(got[1]) - 0.3, got
+    from megatron_poet.training.checkpointing import _write_marker
+
+    _write_marker(ckpt, 3)
+    resumed = losses(run(common + ["--load", ckpt]))
+    assert sorted(resumed) == [4, 5, 6]
+    assert abs(float(resumed[4]) / float(got[4]) - 1) < 1e-5, (resumed, got)
 
 
 def test_data_parallel_2_distributed_optimizer_merge_and_resume(data, tmp_path):

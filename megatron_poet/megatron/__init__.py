@@ -8,5 +8,4 @@ Modules (import them directly; importing this package does not import megatron):
 - ``spec``: GPT layer specs with POET linears.
 - ``model``: Llama-style and GPT-2-style GPTModel builders.
 - ``optimizer_state``: merge-time reset of the POET factors' state in megatron optimizers.
-- ``gloo_collectives``: what the distributed optimizer needs on CPU/gloo.
 """

@@ -19,10 +19,12 @@ megatron-core assumes CUDA in a handful of places that a CPU run reaches:
    -> rebound to the same scaling without that assertion.
 5. ``torch.cuda.synchronize`` / ``current_stream`` / ``default_stream`` /
    ``Stream`` / ``stream`` (checkpointing, DDP) -> no-ops on a dummy stream.
+6. ``DistributedOptimizer``'s constructor accepts only ``torch.cuda.*Tensor``
+   type names -> it runs with CPU tensors reporting the CUDA names (only inside
+   the constructor); its gradient reduce-scatter falls back to all-reduce + the
+   local slice where gloo lacks reduce-scatter (torch 2.13's gloo has it).
 
-Nothing else changes: all computation is ordinary CPU PyTorch. Collectives use
-gloo, which megatron-core supports for the non-distributed optimizer; keep
-``use_distributed_optimizer=False`` (gloo has no reduce-scatter).
+Nothing else changes: all computation is ordinary CPU PyTorch over gloo.
 
 dist_checkpointing needs ``psutil`` (megatron-core does not declare it; without
 it a save hangs instead of failing), so :func:`use_cpu_backend_if_no_cuda`
@@ -41,15 +43,11 @@ import importlib.util
 import os
 
 import torch
+import torch.distributed as dist
 import torch.utils._device
 
 _INSTALLED = False
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
-
-
-def cpu_backend_active() -> bool:
-    """Whether the CPU patches are installed in this process."""
-    return _INSTALLED
 
 
 def use_cpu_backend_if_no_cuda() -> bool:
@@ -72,6 +70,7 @@ def use_cpu_backend_if_no_cuda() -> bool:
     _patch_streams()
     _patch_rng()
     _patch_grad_clipping()
+    _patch_distributed_optimizer()
     _INSTALLED = True
     return True
 
@@ -189,6 +188,86 @@ def _patch_grad_clipping() -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("megatron.core") and getattr(module, "clip_grad_by_total_norm_fp32", None) is original:
             module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+class _DoneWork:
+    """Handle of an already finished collective (what ``async_op=True`` callers ``wait()`` on)."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def reduce_scatter_by_all_reduce(output: torch.Tensor, input: torch.Tensor, op=dist.ReduceOp.SUM,
+                                 group=None, async_op: bool = False):
+    """``reduce_scatter_tensor`` from ``all_reduce``: ``output (n,)`` = slice ``rank`` of the reduced ``input (world*n,)``.
+
+    ``input`` is left unchanged (the reduction runs on a copy), as the real collective does.
+    """
+    world = dist.get_world_size(group)
+    if input.numel() != world * output.numel():
+        raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected "
+                         f"{world} x {output.numel()} (world size x output)")
+    reduced = input.detach().clone()
+    dist.all_reduce(reduced, op=op, group=group)
+    rank = dist.get_rank(group)
+    output.copy_(reduced.view(-1)[rank * output.numel():(rank + 1) * output.numel()].view_as(output))
+    return _DoneWork() if async_op else None
+
+
+def _with_fallback(native):
+    @functools.wraps(native)
+    def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        try:
+            return native(output, input, op=op, group=group, async_op=async_op)
+        except (RuntimeError, NotImplementedError) as e:
+            # Raised locally by a backend without the op, before any communication.
+            if "support" not in str(e):
+                raise
+            return reduce_scatter_by_all_reduce(output, input, op=op, group=group, async_op=async_op)
+
+    return reduce_scatter_tensor
+
+
+@contextlib.contextmanager
+def _cpu_tensors_report_cuda_types():
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _patch_distributed_optimizer() -> None:
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    init = DistributedOptimizer.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        with _cpu_tensors_report_cuda_types():
+            init(self, *args, **kwargs)
+
+    DistributedOptimizer.__init__ = __init__
+    param_and_grad_buffer.dist_reduce_scatter_func = _with_fallback(param_and_grad_buffer.dist_reduce_scatter_func)
 
 
 def initialize_distributed(

@@ -78,13 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core.distributed import finalize_model_grads
 
     from megatron_poet.data import DataError, build_pretraining_data_loader
-    from megatron_poet.megatron.cpu_backend import cpu_backend_active, destroy_distributed, initialize_distributed
-    from megatron_poet.megatron.gloo_collectives import enable_distributed_optimizer_on_cpu
+    from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
     backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
     try:
-        if args.use_distributed_optimizer and cpu_backend_active():
-            enable_distributed_optimizer_on_cpu()
         try:
             tokenizer, train_ds, valid_ds = _setup_data(args)
             check_checkpoint_args(args)
