@@ -128,6 +128,34 @@ def test_kill_during_save_keeps_previous_checkpoint(data, first_half, tmp_path):
     assert open(os.path.join(first_half, MARKER)).read().strip() == "4"
 
 
+def test_sigterm_saves_and_stops(data, tmp_path):
+    """SIGTERM mid-run: the run finishes its iteration, saves it, moves the marker and exits 0."""
+    from megatron_poet.training.checkpointing import latest_iteration
+
+    ckpt = str(tmp_path / "ckpt")
+    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
+    args = data + TINY + ["--train-iters", "100000", "--save", ckpt, "--save-interval", "100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_poet.training.pretrain", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:  # wait for training to be under way
+            seen.append(line)
+            if LOSS.search(line) and int(LOSS.search(line).group(1)) >= 3:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout = "".join(seen) + out
+    stopped = re.search(r"stopping at iteration (\d+) \(a signal\)", stdout)
+    assert proc.returncode == 0 and stopped, stdout[-2000:]
+    assert f"saved checkpoint at iteration {stopped.group(1)}" in stdout
+    assert latest_iteration(ckpt) == int(stopped.group(1))
+
+
 def test_resume_is_bitwise_identical(data, first_half, uninterrupted):
     """Iterations 5-8 after a load (following the killed save) print the uninterrupted run's losses exactly.
 
