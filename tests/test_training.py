@@ -171,11 +171,19 @@ def test_resume_is_bitwise_identical(data, first_half, uninterrupted):
     assert resumed == {i: uninterrupted[i] for i in range(5, 9)}
 
 
-def test_no_poet_baseline_trains(data):
-    out = run(data + TINY + ["--no-poet", "--train-iters", "6"])
+def test_no_poet_baseline_trains_and_logs_to_tensorboard(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run(data + TINY + ["--no-poet", "--train-iters", "6", "--tensorboard-dir", str(tmp_path / "tb")])
     got = losses(out)
     assert "AdamW baseline" in out.stdout
     assert float(got[6]) < float(got[1]) - 0.3, got
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    train_loss = {e.step: e.value for e in events.Scalars("lm loss")}
+    assert sorted(train_loss) == [1, 2, 3, 4, 5, 6]
+    assert abs(train_loss[6] - float(got[6])) < 1e-5 * float(got[6])  # printed with 7 significant digits
+    assert any(tag.startswith("validation") for tag in events.Tags()["scalars"]), events.Tags()["scalars"]
 
 
 def test_tensor_parallel_2_and_resume_at_tp_1(data, tmp_path):
