@@ -203,9 +203,14 @@ def test_tensor_parallel_2_and_resume_at_tp_1(data, tmp_path):
     from megatron_poet.training.checkpointing import _write_marker
 
     _write_marker(ckpt, 3)
-    resumed = losses(run(common + ["--load", ckpt]))
+    out = run(common + ["--load", ckpt])
+    resumed = losses(out)
     assert sorted(resumed) == [4, 5, 6]
     assert abs(float(resumed[4]) / float(got[4]) - 1) < 1e-5, (resumed, got)
+    assert "warning: the checkpoint's vocabulary" not in out.stdout
+    _write_marker(ckpt, 3)
+    out = run(common + ["--load", ckpt, "--make-vocab-size-divisible-by", "128"])  # pads to 384, not 320
+    assert "was padded to 320 and this run pads it to 384" in out.stdout
 
 
 def test_data_parallel_2_distributed_optimizer_merge_and_resume(data, tmp_path):
@@ -234,7 +239,10 @@ def _parse(argv: list[str], world_size: int = 1):
 @pytest.mark.parametrize("argv, world, message", [
     (["--hidden-size", "64", "--poet-block-size", "24"], 1, "not divisible by block_size=24"),
     (["--hidden-size", "64", "--ffn-hidden-size", "96", "--poet-block-size", "32",
-      "--tensor-model-parallel-size", "2"], 2, "per tensor-parallel rank (TP=2)"),
+      "--tensor-model-parallel-size", "2"], 2, "per-rank shard is 48 per part at tensor_model_parallel_size=2"),
+    # SwiGLU: fc1's per-rank output 2 x 96 / 4 = 48 is divisible by 16, but its gate and up halves (24) are not.
+    (["--hidden-size", "64", "--ffn-hidden-size", "96", "--poet-block-size", "16",
+      "--tensor-model-parallel-size", "4"], 4, "'linear_fc1': output_size=192: block_size=16 does not divide"),
     (["--poet-neumann-terms", "-1"], 1, "neumann_terms"),
     (["--tensor-model-parallel-size", "2"], 3, "world size 3"),
     (["--num-attention-heads", "6", "--hidden-size", "96", "--tensor-model-parallel-size", "4",

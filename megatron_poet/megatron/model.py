@@ -52,14 +52,17 @@ def gpt2_config(num_layers: int, hidden_size: int, num_attention_heads: int, **o
     return TransformerConfig(**fields)
 
 
-def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vocab_size: int) -> None:
-    """Raise one ValueError listing every layout problem (TP divisibility, POET block sizes)."""
+def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vocab_size: int | None) -> None:
+    """Raise one ValueError listing every layout problem (TP divisibility, POET block sizes).
+
+    ``vocab_size=None`` skips the vocabulary check (before the tokenizer is known).
+    """
     tp = config.tensor_model_parallel_size
     heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
     errors = []
     for what, value in (("num_attention_heads", heads), ("num_query_groups", groups),
                         ("ffn_hidden_size", config.ffn_hidden_size), ("vocab_size", vocab_size)):
-        if value % tp:
+        if value is not None and value % tp:
             errors.append(f"tensor_model_parallel_size={tp} does not divide {what}={value}")
     if poet is not None and not errors:
         kv = config.kv_channels

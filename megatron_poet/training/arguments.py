@@ -187,17 +187,6 @@ def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str]]:
     ]
 
 
-def linear_shard_shapes(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    """``(name, in_features, out_features)`` of each transformer linear on one TP rank.
-
-    POET's permutations live inside a rank's shard (POET_SPEC §6), so the block
-    size must divide the per-rank size of the split dimension.
-    """
-    t = args.tensor_model_parallel_size
-    return [(name, d_in // t if parallel == "row" else d_in, d_out // t if parallel == "column" else d_out)
-            for name, d_in, d_out, parallel in linear_shapes(args)]
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Raise :class:`ArgumentError` naming the flag to change for any invalid size."""
     errors: list[str] = []
@@ -261,12 +250,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.load:
         need(os.path.isdir(args.load), f"--load {args.load}: no such directory")
     if args.poet:
-        _check_poet(args, need)
+        _check_poet(args, need, bool(errors))
     if errors:
         raise ArgumentError("invalid arguments:\n  " + "\n  ".join(errors))
 
 
-def _check_poet(args: argparse.Namespace, need) -> None:
+def _check_poet(args: argparse.Namespace, need, errors_so_far: bool) -> None:
     try:
         config = poet_config(args)
     except ValueError as e:
@@ -277,12 +266,14 @@ def _check_poet(args: argparse.Namespace, need) -> None:
     need(args.poet_variant == "bs", f"--poet-variant {args.poet_variant}: the Megatron (tensor-parallel) POET layers "
                                     f"implement the block-stochastic variant only; use --poet-variant bs "
                                     f"(POETLinear in plain PyTorch supports 'fs')")
-    t = args.tensor_model_parallel_size
-    for name, d_in, d_out in linear_shard_shapes(args):
-        for what, dim in (("in_features", d_in), ("out_features", d_out)):
-            try:
-                config.num_blocks(dim, what, name)
-            except ValueError as e:
-                per_rank = f" per tensor-parallel rank (TP={t})" if t > 1 else ""
-                need(False, f"{e}{per_rank}; change --poet-block-size or the model sizes "
-                            f"(--hidden-size/--ffn-hidden-size/--num-attention-heads/--kv-channels)")
+    if errors_so_far:  # the model layout below presumes sane sizes
+        return
+    from megatron_poet.megatron.model import validate_model_config
+
+    from .model_provider import transformer_config
+
+    try:  # the layers' own check: block sizes on every rank's shard, SwiGLU's gate and up halves apart
+        validate_model_config(transformer_config(args), config, vocab_size=None)
+    except ValueError as e:
+        need(False, f"{e}\n  change --poet-block-size or the model sizes (--hidden-size, --ffn-hidden-size, "
+                    f"--num-attention-heads, --kv-channels) or --tensor-model-parallel-size")
