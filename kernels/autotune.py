@@ -1,4 +1,4 @@
-"""Autotuning configurations (tuned for H100/H200; one small config in the interpreter).
+"""Autotuning configurations: candidates for H100/H200, not yet tuned on a GPU; one config in the interpreter.
 
 Every kernel prunes configs whose tiles exceed the block size ``B`` (tiles must
 divide ``B``; all sizes here are powers of two), so a config never reads past a

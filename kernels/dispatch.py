@@ -22,7 +22,6 @@ import os
 import torch
 
 ENV_VAR = "MEGATRON_POET_KERNELS"
-MODES = ("off", "auto", "force")
 _ALIASES = {"0": "off", "off": "off", "false": "off", "no": "off",
             "1": "auto", "auto": "auto", "true": "auto", "yes": "auto", "": "auto",
             "force": "force"}

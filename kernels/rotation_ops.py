@@ -30,11 +30,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """``inv`` with ``inv[perm[i]] = i`` (same as the core's, kept here to avoid a cycle)."""
-    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype))
-
-
 def rotate_rows(
     inp: torch.Tensor, blocks: torch.Tensor, *, transpose: bool = False,
     in_cols: torch.Tensor | None = None, out_cols: torch.Tensor | None = None,
@@ -115,7 +110,7 @@ def input_side_grads(
 def output_side_grads(
     h: torch.Tensor, grad_y: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``y = Pi^T BD(G) h`` (``perm`` = output permutation, the inverse of ``inv_perm``).
+    """Gradients of ``y = Pi^T BD(G) h`` (``perm`` = the output permutation).
 
     Returns ``(grad_h (..., d), grad_blocks (n, b, b))``.
     """
@@ -145,8 +140,7 @@ class RotateOutput(torch.autograd.Function):
     """``y = Pi^T BD(G) h`` for ``h`` in permuted order; the un-permutation happens in the stores."""
 
     @staticmethod
-    def forward(ctx, h, blocks, inv_perm):
-        perm = inverse_permutation(inv_perm)
+    def forward(ctx, h, blocks, perm):
         ctx.save_for_backward(h, blocks, perm)
         return rotate_rows(_rows(h), blocks, out_cols=perm).view(h.shape)
 
@@ -162,7 +156,7 @@ def rotate_input(x: torch.Tensor, perm: torch.Tensor, blocks: torch.Tensor) -> t
     return RotateInput.apply(x, perm, blocks)
 
 
-def rotate_output(h: torch.Tensor, blocks: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
+def rotate_output(h: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Kernel version of ``megatron_poet.poet.rotation.rotate_output``: ``(..., d) -> (..., d)``."""
-    return RotateOutput.apply(h, blocks, inv_perm)
+    return RotateOutput.apply(h, blocks, perm)
 

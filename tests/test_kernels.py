@@ -38,7 +38,7 @@ if _INTERPRET is not None:
 from megatron_poet import POETLinear  # noqa: E402
 from megatron_poet.kernels import ENV_VAR, current_mode, kernels_mode, rotation_supported  # noqa: E402
 from megatron_poet.poet.cayley import cayley_neumann, cayley_neumann_from_skew, skew_from_packed  # noqa: E402
-from megatron_poet.poet.rotation import inverse_permutation, rotate_input, rotate_output  # noqa: E402
+from megatron_poet.poet.rotation import rotate_input, rotate_output  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 # Triton 3.6's interpreter (torch 2.11's pin) hands program-id-derived scalars to Python as
@@ -122,18 +122,17 @@ def rotation_case(side: str, dtype: torch.dtype, b: int, n: int, lead: tuple[int
     blocks = random_orthogonal(n, b, gen).to(dtype)
     perm = torch.randperm(d, generator=gen)
     grad_out = torch.randn(*lead, d, generator=gen).to(dtype)
-    index = perm if side == "input" else inverse_permutation(perm)
-    op = rotate_input if side == "input" else (lambda t, i, g: rotate_output(t, g, i))
+    op = rotate_input if side == "input" else (lambda t, p, g: rotate_output(t, g, p))
 
     # float64 reference on the same rounded inputs, through the core's PyTorch path.
     rx, rb = x.double().requires_grad_(), blocks.double().requires_grad_()
     with kernels_mode("off"):
-        ref = op(rx, index, rb)
+        ref = op(rx, perm, rb)
     ref_gx, ref_gb = torch.autograd.grad(ref, (rx, rb), grad_out.double())
 
     kx, kb = x.to(DEVICE).requires_grad_(), blocks.to(DEVICE).requires_grad_()
     with kernels_mode("force"), poisoned():
-        out = op(kx, index.to(DEVICE), kb)
+        out = op(kx, perm.to(DEVICE), kb)
         assert "Rotate" in type(out.grad_fn).__name__, f"rotate_{side} did not dispatch to the kernel"
         gx, gb = torch.autograd.grad(out, (kx, kb), grad_out.to(DEVICE))
     assert out.dtype == gx.dtype == gb.dtype == dtype
@@ -191,17 +190,17 @@ def test_poet_linear_with_kernels_matches_pytorch_path(mode, dtype):
 
 def test_unsupported_shapes_fall_back_to_pytorch():
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 96, generator=gen)
+    x = torch.randn(5, 96, generator=gen).to(DEVICE)
     with kernels_mode("force"):
         # b = 48 (not a power of two), fully stochastic tail (n*b < d), float64 activations
-        assert not rotation_supported(x, torch.zeros(2, 48, 48))
-        assert not rotation_supported(x, torch.zeros(1, 64, 64))
-        assert not rotation_supported(x.double(), torch.zeros(3, 32, 32, dtype=torch.float64))
-        assert rotation_supported(x, torch.zeros(3, 32, 32))
-        perm = torch.randperm(96, generator=gen)
-        blocks = random_orthogonal(1, 64, gen).float()
-        out = rotate_input(x, perm, blocks)
-        assert out.grad_fn is None  # the PyTorch path; the kernel would install RotateInput
+        assert not rotation_supported(x, torch.zeros(2, 48, 48, device=DEVICE))
+        assert not rotation_supported(x, torch.zeros(1, 64, 64, device=DEVICE))
+        assert not rotation_supported(x.double(), torch.zeros(3, 32, 32, dtype=torch.float64, device=DEVICE))
+        assert rotation_supported(x, torch.zeros(3, 32, 32, device=DEVICE))
+        perm = torch.randperm(96, generator=gen).to(DEVICE)
+        blocks = random_orthogonal(1, 64, gen).float().to(DEVICE)
+        out = rotate_input(x.requires_grad_(), perm, blocks)
+        assert "RotateInput" not in type(out.grad_fn).__name__  # the PyTorch path, not the kernel's Function
         with kernels_mode("off"):
             assert torch.equal(out, rotate_input(x, perm, blocks))
         packed = random_packed(2, 32, gen).requires_grad_()
@@ -213,7 +212,7 @@ def test_unsupported_shapes_fall_back_to_pytorch():
 def test_switch_env_var_and_context(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "0")
     assert current_mode() == "off"
-    x, blocks = torch.randn(4, 64), torch.zeros(2, 32, 32)
+    x, blocks = torch.randn(4, 64, device=DEVICE), torch.zeros(2, 32, 32, device=DEVICE)
     assert not rotation_supported(x, blocks)
     with kernels_mode("force"):
         assert current_mode() == "force" and rotation_supported(x, blocks)

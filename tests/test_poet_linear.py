@@ -110,7 +110,7 @@ def test_gradcheck(variant, block_size, recompute):
     bias = layer.bias.detach().clone().requires_grad_()
 
     def fn(x, r, p, bias):
-        return poet_linear(x, layer.frozen_weight, r, p, layer.input_side.perm, layer.output_side.inv_perm,
+        return poet_linear(x, layer.frozen_weight, r, p, layer.input_side.perm, layer.output_side.perm,
                            bias, recompute=recompute)
 
     assert torch.autograd.gradcheck(fn, (x, r, p, bias))

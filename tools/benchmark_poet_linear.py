@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from megatron_poet import POETLinear
-from megatron_poet.kernels import kernels_mode
+from megatron_poet.kernels import kernels_mode, rotation_supported
 
 LLAMA_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -115,6 +115,9 @@ def run(args) -> None:
                                        mode=mode, device=device, dtype=dtype, generator=gen)
                     flops = poet_flops(n_tokens, d_in, d_out, b, args.neumann_terms, mode == "mem")
                 with kernels_mode(kmode) if kmode else nullcontext():
+                    if kmode == "auto" and not rotation_supported(x, layer.input_side.blocks(dtype)):
+                        raise RuntimeError(f"{name}: the kernels do not take this shape/dtype (or Triton is "
+                                           f"missing); the row would time the PyTorch path")
                     ms, peak = time_step(layer, x, dy, args.warmup, args.reps)
                 base_ms = base_ms or ms
                 peak_txt = "n/a" if peak != peak else f"{peak:.0f}"  # nan on CPU

@@ -56,11 +56,6 @@ class HFTokenizer:
         return self.backend.get_vocab(with_added_tokens=True)
 
     @property
-    def inv_vocab(self) -> dict:
-        """Id -> token string."""
-        return {i: t for t, i in self.vocab.items()}
-
-    @property
     def eod(self) -> int:
         """End-of-document id, appended after each document by preprocessing."""
         return self._eod
@@ -71,11 +66,6 @@ class HFTokenizer:
         training with a different tokenizer is caught even when the ids fit its vocabulary."""
         blob = json.dumps(self.vocab, sort_keys=True, ensure_ascii=False).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()[:16]
-
-    @property
-    def eos(self) -> int:
-        """Same as `eod` (one end token, as in GPT-2)."""
-        return self._eod
 
     @property
     def pad(self) -> int:
@@ -119,11 +109,6 @@ class NullTokenizer:
     @property
     def eod(self) -> int:
         """End-of-document id (= the given vocab size)."""
-        return self._n
-
-    @property
-    def eos(self) -> int:
-        """Same as `eod`."""
         return self._n
 
     def tokenize(self, text: str) -> List[int]:

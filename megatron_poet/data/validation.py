@@ -79,8 +79,8 @@ def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None,
     IndexedDataset opens it; the .bin size matches what the index describes; there is at least
     one document; every token id is in [0, vocab_size); and, when PREFIX.meta.json (written by
     preprocessing) and `tokenizer_fingerprint` are both present, that the data was tokenized
-    with this vocabulary. The id scan reads the whole .bin (memory-mapped, in chunks; about a
-    second per GB).
+    with this vocabulary. The id scan reads the whole .bin (memory-mapped, in chunks), so its
+    cost grows with the data size.
 
     Args:
         prefix: data path prefix, as given to --data-path (without .bin/.idx).

@@ -28,7 +28,7 @@ import types
 
 import torch
 
-MARKER = "latest_checkpointed_iteration.txt"
+from megatron_poet.training.checkpointing import MARKER, CheckpointError, checkpoint_dir, latest_iteration
 
 
 class CheckpointReadError(ValueError):
@@ -57,17 +57,16 @@ def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, in
         number = name[len("iter_"):] if name.startswith("iter_") else ""
         return load, int(number) if number.isdigit() else None
     if iteration is None:
-        marker = os.path.join(load, MARKER)
-        if not os.path.isfile(marker):
+        try:
+            iteration = latest_iteration(load)
+        except CheckpointError as err:
+            raise CheckpointReadError(str(err)) from None
+        if iteration is None:
             found = sorted(d for d in os.listdir(load) if d.startswith("iter_"))
             hint = f"; it has {', '.join(found)}: pass --iteration N" if found else ""
             raise CheckpointReadError(
                 f"{load} is not a checkpoint of the training program: no {MARKER}{hint}")
-        text = open(marker, encoding="utf-8").read().strip()
-        if not text.isdigit():
-            raise CheckpointReadError(f"{marker} holds {text!r}, not an iteration number")
-        iteration = int(text)
-    path = os.path.join(load, f"iter_{iteration:07d}")
+    path = checkpoint_dir(load, iteration)
     if not os.path.isdir(path):
         raise CheckpointReadError(f"iteration {iteration} has no checkpoint: {path} does not exist")
     if not os.path.isfile(os.path.join(path, "metadata.json")):

@@ -17,16 +17,17 @@ import socket
 from dataclasses import dataclass, field
 
 from ..poet.linear import POETModule
+from ..training.checkpointing import SHAPE_ARGS
+
 from .checkpoint import CheckpointReadError, load_model_weights, read_common_state, read_tensor_shapes, resolve_checkpoint
 from .hf_export import TokenizerInfo, export_gpt_model
 from .spec import ExportSpec
 
 # Saved arguments the export cannot do without (they fix the model's shape).
 REQUIRED_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size_unpadded")
-# Saved arguments that change the exported function; when a checkpoint lacks one,
+# The other arguments that define the model's function; when a checkpoint lacks one,
 # the training program's default is assumed and reported.
-FUNCTION_ARGS = ("model_style", "rotary_base", "poet_neumann_terms", "ffn_hidden_size", "num_query_groups",
-                 "kv_channels", "max_position_embeddings", "poet", "poet_block_size", "poet_variant")
+FUNCTION_ARGS = tuple(a for a in SHAPE_ARGS if a not in REQUIRED_ARGS)
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 

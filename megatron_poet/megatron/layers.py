@@ -28,11 +28,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..poet.config import POETConfig
 from ..poet.init import init_frozen_weight
-from ..poet.linear import POETModule, dense_from_factors
+from ..poet.linear import POETModule
 from ..poet.rotation import rotate_input, rotate_output
 from ..poet.side import OrthogonalSide
 from . import compat
-from .sharding import ShardedDimension, mix_seed
+from .sharding import ShardedDimension, draw_permutation, mix_seed
 
 # A throwaway generator for the placeholder permutations drawn by OrthogonalSide at
 # construction: drawing them from the default generator would shift Megatron's
@@ -160,11 +160,8 @@ class _POETParallelLinear(POETModule):
         for side in (sharded_side, replicated_side):
             side.skew.zero_()
         sharded_side.set_permutation(self.sharded.draw_local_permutation(mix_seed(seed, "sharded")))
-        replicated_side.set_permutation(torch.randperm(
-            replicated_side.dim, generator=torch.Generator().manual_seed(mix_seed(seed, "replicated"))))
-        dense = local_dense.to(self.frozen_weight.device)
-        permuted = dense.index_select(0, self.output_side.perm).index_select(1, self.input_side.perm)
-        self.frozen_weight.copy_(permuted)
+        replicated_side.set_permutation(draw_permutation(replicated_side.dim, mix_seed(seed, "replicated")))
+        self._store_frozen(local_dense)
         self.initialized = True
 
     @torch.no_grad()
@@ -183,11 +180,6 @@ class _POETParallelLinear(POETModule):
         self._reset(seed, self.effective_weight())
 
     @torch.no_grad()
-    def effective_weight(self) -> torch.Tensor:
-        """This rank's slice of ``P A0 R``: ``(d_out_local, d_in)`` or ``(d_out, d_in_local)``, float32."""
-        return dense_from_factors(self.frozen_weight, self.input_side, self.output_side)
-
-    @torch.no_grad()
     def gathered_effective_weight(self) -> torch.Tensor:
         """The full ``(output_size, input_size)`` ``P A0 R`` in Megatron's global layout (all-gather over TP)."""
         local = self.effective_weight()
@@ -201,13 +193,6 @@ class _POETParallelLinear(POETModule):
         out = torch.empty(self.output_size, self.input_size, dtype=local.dtype, device=local.device)
         out.index_copy_(axis, torch.cat(indices).to(local.device), torch.cat(pieces, dim=axis))
         return out
-
-    def poet_parameters(self) -> list[nn.Parameter]:
-        return [self.input_side.skew, self.output_side.skew]
-
-    @torch.no_grad()
-    def orthogonality_error(self) -> torch.Tensor:
-        return torch.maximum(self.input_side.orthogonality_error(), self.output_side.orthogonality_error())
 
     def backward_dw(self) -> None:
         """Megatron's delayed weight-gradient hook: POET's factor gradients are computed in the
@@ -315,8 +300,8 @@ class POETColumnParallelLinear(_POETParallelLinear):
             raise ValueError(f"POET layer {self.name!r}: gather_output is incompatible with sequence parallelism")
         self.gather_output = gather_output
 
-    def _local_gemm_and_p(self, z, frozen, p_blocks, inv_perm):
-        return rotate_output(F.linear(z, frozen), p_blocks, inv_perm)
+    def _local_gemm_and_p(self, z, frozen, p_blocks, perm):
+        return rotate_output(F.linear(z, frozen), p_blocks, perm)
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output: bool | None = None):
         if weight is not None:
@@ -329,7 +314,7 @@ class POETColumnParallelLinear(_POETParallelLinear):
         elif self.tp_size > 1:
             x = _ContiguousGrad.apply(compat.copy_to_tensor_model_parallel_region(x, group=self.tp_group))
         y = _maybe_recompute(self._local_gemm_and_p, recompute, x, self.frozen_weight,
-                             self.output_side.blocks(x.dtype), self.output_side.inv_perm)
+                             self.output_side.blocks(x.dtype), self.output_side.perm)
         y, bias = self._bias_output(y)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather and self.tp_size > 1:
@@ -380,6 +365,6 @@ class POETRowParallelLinear(_POETParallelLinear):
             h = compat.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
         elif self.tp_size > 1:
             h = compat.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-        y = _maybe_recompute(rotate_output, recompute, h, self.output_side.blocks(h.dtype), self.output_side.inv_perm)
+        y = _maybe_recompute(rotate_output, recompute, h, self.output_side.blocks(h.dtype), self.output_side.perm)
         return self._bias_output(y)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .rotation import block_rotate_grads, inverse_permutation, rotate_input, rotate_output
+from .rotation import block_rotate_grads, rotate_input, rotate_output
 
 from megatron_poet import kernels as _kernels  # imports no Triton until a kernel runs
 
@@ -39,39 +39,37 @@ def _input_side_grads(
 
 
 def _output_side_grads(
-    h: torch.Tensor, grad_y: torch.Tensor, blocks: torch.Tensor, inv_perm: torch.Tensor
+    h: torch.Tensor, grad_y: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``y = Pi^T BD(G) h`` for rows ``(N, d)``: ``(grad_h, grad_blocks)``."""
     if _kernels.rotation_supported(h, blocks):
         from megatron_poet.kernels.rotation_ops import output_side_grads
 
-        return output_side_grads(h, grad_y, blocks, inverse_permutation(inv_perm))
-    # y = u[:, inv_perm]  =>  grad_u[:, inv_perm] = grad_y, i.e. scatter back.
-    grad_u = torch.empty_like(grad_y)
-    grad_u[:, inv_perm] = grad_y
-    return block_rotate_grads(h, grad_u, blocks)
+        return output_side_grads(h, grad_y, blocks, perm)
+    # y[:, perm] = u  =>  grad_u = grad_y[:, perm].
+    return block_rotate_grads(h, grad_y.index_select(-1, perm), blocks)
 
 
 class _RecomputingPOETLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, frozen_weight, r_blocks, p_blocks, perm_in, inv_perm_out, bias):
+    def forward(ctx, x, frozen_weight, r_blocks, p_blocks, perm_in, perm_out, bias):
         z = rotate_input(x, perm_in, r_blocks)
-        y = rotate_output(F.linear(z, frozen_weight), p_blocks, inv_perm_out)
+        y = rotate_output(F.linear(z, frozen_weight), p_blocks, perm_out)
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(x, frozen_weight, r_blocks, p_blocks, perm_in, inv_perm_out)
+        ctx.save_for_backward(x, frozen_weight, r_blocks, p_blocks, perm_in, perm_out)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, frozen_weight, r_blocks, p_blocks, perm_in, inv_perm_out = ctx.saved_tensors
+        x, frozen_weight, r_blocks, p_blocks, perm_in, perm_out = ctx.saved_tensors
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
         # Recompute the GEMM output the output-side block gradient needs.
         h = F.linear(rotate_input(x2, perm_in, r_blocks), frozen_weight)
-        grad_h, grad_p = _output_side_grads(h, grad_y2, p_blocks, inv_perm_out)
+        grad_h, grad_p = _output_side_grads(h, grad_y2, p_blocks, perm_out)
         grad_z = grad_h @ frozen_weight  # input gradient of the GEMM; no weight gradient
         need_x = ctx.needs_input_grad[0]
         grad_x, grad_r = _input_side_grads(x2, grad_z, r_blocks, perm_in, need_x)
@@ -89,7 +87,7 @@ def poet_linear(
     r_blocks: torch.Tensor,
     p_blocks: torch.Tensor,
     perm_in: torch.Tensor,
-    inv_perm_out: torch.Tensor,
+    perm_out: torch.Tensor,
     bias: torch.Tensor | None = None,
     recompute: bool = False,
 ) -> torch.Tensor:
@@ -99,13 +97,13 @@ def poet_linear(
         x: ``(..., d_in)``.
         frozen_weight: ``(d_out, d_in)`` pre-permuted ``A0'``; never receives a gradient.
         r_blocks: ``(n_in, b, b)`` input-side blocks; p_blocks: ``(n_out, b, b)``.
-        perm_in: ``(d_in,)``; inv_perm_out: ``(d_out,)`` inverse of the output permutation.
+        perm_in, perm_out: ``(d_in,)``, ``(d_out,)`` the input and output permutations.
         bias: ``(d_out,)`` or None.
         recompute: "mem" mode (save only ``x``) instead of "fast" (autograd keeps intermediates).
     Returns:
         ``(..., d_out)``.
     """
     if recompute:
-        return _RecomputingPOETLinear.apply(x, frozen_weight, r_blocks, p_blocks, perm_in, inv_perm_out, bias)
-    y = rotate_output(F.linear(rotate_input(x, perm_in, r_blocks), frozen_weight), p_blocks, inv_perm_out)
+        return _RecomputingPOETLinear.apply(x, frozen_weight, r_blocks, p_blocks, perm_in, perm_out, bias)
+    y = rotate_output(F.linear(rotate_input(x, perm_in, r_blocks), frozen_weight), p_blocks, perm_out)
     return y if bias is None else y + bias

@@ -15,19 +15,39 @@ class POETModule(nn.Module):
     """Base class of every module holding POET factors (plain or tensor-parallel).
 
     The optimizer glue and the merge schedule find POET layers by this type.
+    Subclasses hold ``input_side`` (R) and ``output_side`` (P), two
+    :class:`OrthogonalSide`, and the buffer ``frozen_weight`` (their local ``A0``,
+    stored pre-permuted ``A0[perm_out][:, perm_in]``), and implement :meth:`merge_and_reset`.
     """
+
+    input_side: OrthogonalSide
+    output_side: OrthogonalSide
+    frozen_weight: torch.Tensor
 
     def poet_parameters(self) -> list[nn.Parameter]:
         """The trainable orthogonal-factor parameters (Adam, no weight decay, poet lr)."""
-        raise NotImplementedError
+        return [self.input_side.skew, self.output_side.skew]
 
     def merge_and_reset(self, generator: torch.Generator | None = None) -> None:
         """Fold ``P A0 R`` into ``A0``, draw fresh permutations, set every ``Q`` to 0."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def orthogonality_error(self) -> torch.Tensor:
         """Max over blocks of ``||G^T G - I||_F``."""
-        raise NotImplementedError
+        return torch.maximum(self.input_side.orthogonality_error(), self.output_side.orthogonality_error())
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """Dense local ``P A0 R`` ``(d_out, d_in)``, float32 (float64 for a float64 layer)."""
+        return dense_from_factors(self.frozen_weight, self.input_side, self.output_side)
+
+    @torch.no_grad()
+    def _store_frozen(self, dense: torch.Tensor) -> None:
+        """Store a dense ``(d_out, d_in)`` weight pre-permuted by the current permutations."""
+        dense = dense.to(self.frozen_weight.device)
+        permuted = dense.index_select(0, self.output_side.perm).index_select(1, self.input_side.perm)
+        self.frozen_weight.copy_(permuted)
 
 
 def dense_from_factors(
@@ -123,13 +143,6 @@ class POETLinear(POETModule):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    @torch.no_grad()
-    def _store_frozen(self, dense: torch.Tensor) -> None:
-        """Store a dense ``(d_out, d_in)`` weight pre-permuted by the current permutations."""
-        dense = dense.to(self.frozen_weight.device)
-        permuted = dense.index_select(0, self.output_side.perm).index_select(1, self.input_side.perm)
-        self.frozen_weight.copy_(permuted)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -138,16 +151,8 @@ class POETLinear(POETModule):
             )
         return poet_linear(
             x, self.frozen_weight, self.input_side.blocks(x.dtype), self.output_side.blocks(x.dtype),
-            self.input_side.perm, self.output_side.inv_perm, self.bias, recompute=self.config.mode == "mem",
+            self.input_side.perm, self.output_side.perm, self.bias, recompute=self.config.mode == "mem",
         )
-
-    def poet_parameters(self) -> list[nn.Parameter]:
-        return [self.input_side.skew, self.output_side.skew]
-
-    @torch.no_grad()
-    def effective_weight(self) -> torch.Tensor:
-        """Dense ``P A0 R``, ``(out_features, in_features)``, float32 (float64 for a float64 layer)."""
-        return dense_from_factors(self.frozen_weight, self.input_side, self.output_side)
 
     @torch.no_grad()
     def merge_and_reset(self, generator: torch.Generator | None = None) -> None:
@@ -155,10 +160,6 @@ class POETLinear(POETModule):
         self.input_side.reset(generator)
         self.output_side.reset(generator)
         self._store_frozen(merged)
-
-    @torch.no_grad()
-    def orthogonality_error(self) -> torch.Tensor:
-        return torch.maximum(self.input_side.orthogonality_error(), self.output_side.orthogonality_error())
 
     def extra_repr(self) -> str:
         c = self.config

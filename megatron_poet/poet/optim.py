@@ -83,10 +83,15 @@ class MergeScheduler:
         self.steps_since_merge = 0
         self.merges_done = 0
 
+    def merge_due(self) -> bool:
+        """Whether the next :meth:`step` merges."""
+        return self.steps_since_merge + 1 >= self.merge_interval
+
     def step(self) -> bool:
         """Count one optimizer step; merge when the interval is reached. Returns whether it merged."""
+        merging = self.merge_due()
         self.steps_since_merge += 1
-        if self.steps_since_merge < self.merge_interval:
+        if not merging:
             return False
         self.merge_now()
         return True
@@ -104,7 +109,7 @@ class MergeScheduler:
     def max_orthogonality_error(self) -> float:
         """Largest ``||G^T G - I||_F`` over all POET blocks of the model (a log diagnostic)."""
         errors = [layer.orthogonality_error() for layer in poet_modules(self.model)]
-        return max((float(e) for e in errors), default=0.0)
+        return float(torch.stack(errors).max()) if errors else 0.0  # one device-to-host copy
 
     def state_dict(self) -> dict:
         return {"steps_since_merge": self.steps_since_merge, "merges_done": self.merges_done, "seed": self.seed}

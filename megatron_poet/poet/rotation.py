@@ -65,13 +65,18 @@ def rotate_input(x: torch.Tensor, perm: torch.Tensor, blocks: torch.Tensor) -> t
     return block_rotate(x.index_select(-1, perm), blocks)
 
 
-def rotate_output(h: torch.Tensor, blocks: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
-    """Output side: ``Pi^T BD(G) h`` for ``h`` in permuted order, shape ``(..., d)``."""
+def rotate_output(h: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Output side: ``Pi^T BD(G) h`` for ``h`` in permuted order, shape ``(..., d)``.
+
+    ``perm`` is the side's permutation: ``y[..., perm[i]] = (BD(G) h)[..., i]`` (a scatter,
+    so no inverse permutation is needed).
+    """
     if _kernels.rotation_supported(h, blocks):
         from megatron_poet.kernels.rotation_ops import rotate_output as fused
 
-        return fused(h, blocks, inv_perm)
-    return block_rotate(h, blocks).index_select(-1, inv_perm)
+        return fused(h, blocks, perm)
+    rotated = block_rotate(h, blocks)
+    return torch.empty_like(rotated).index_copy(-1, perm, rotated)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

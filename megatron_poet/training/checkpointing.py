@@ -31,7 +31,6 @@ import torch
 
 MARKER = "latest_checkpointed_iteration.txt"
 
-# Arguments that fix the shapes of the checkpointed tensors (or what they mean).
 # Arguments that define the model's function: a --load checkpoint must agree on all of them.
 SHAPE_ARGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",

@@ -116,8 +116,10 @@ class TrainingLogger:
             print(message, flush=True)
 
     def iteration(self, iteration: int, consumed_samples: int, lr: float, loss: float,
-                  grad_norm: float | None, merges: int, orth_error: float | None) -> None:
-        """Count an iteration; every ``--log-interval`` print the averaged line. Returns whether it printed.
+                  grad_norm: float | None, merges: int, orth_error: float | None) -> bool:
+        """Count an iteration; every ``--log-interval`` print a line. Returns whether it printed.
+
+        Time per iteration is averaged over the window; loss and grad norm are this iteration's.
 
         ``orth_error`` is the largest POET orthogonality error measured since the previous line.
         """

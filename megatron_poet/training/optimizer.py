@@ -110,7 +110,7 @@ class MegatronTrainingOptimizer(TrainingOptimizer):
             wd_incr_steps=args.train_iters,
             wd_incr_style="constant",
         )
-        self._configs = [leaf.config for leaf in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        self._configs = [leaf.config for leaf in leaf_optimizers(self.optimizer)]
         self._configs.append(self.optimizer.config)
         self._clip_grad = args.clip_grad
 
@@ -157,7 +157,7 @@ class MegatronTrainingOptimizer(TrainingOptimizer):
         per-parameter ``step`` of torch's Adam before anything is loaded, and a
         fresh optimizer has no state yet.
         """
-        for leaf in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for leaf in leaf_optimizers(self.optimizer):
             inner = leaf.optimizer
             per_param_step = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
             for group in inner.param_groups:

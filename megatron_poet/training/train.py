@@ -127,8 +127,7 @@ def train(
 
             if merge_scheduler is not None and updated:
                 logging_now = state.iteration % args.log_interval == 0
-                merging_now = merge_scheduler.steps_since_merge + 1 == merge_scheduler.merge_interval
-                if logging_now or merging_now:
+                if logging_now or merge_scheduler.merge_due():
                     orth_max = max(orth_max, _max_over_model_parallel(merge_scheduler.max_orthogonality_error()))
                 merge_scheduler.step()
             if loss is not None:
