@@ -12,6 +12,8 @@ import os
 
 from megatron_poet.poet.config import POETConfig
 
+from .engine import deepspeed_config
+
 
 class ArgumentError(ValueError):
     """An invalid combination of command-line arguments; the message says what to fix."""
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
 
+    deepspeed_config.add_arguments(p)
+
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="prefixes of .bin/.idx files, optionally weighted ('0.3 a 0.7 b'); "
@@ -131,6 +135,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     if not args.kv_channels_given and args.num_attention_heads > 0:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    args.deepspeed = args.deepspeed or args.zero_stage is not None
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     args.data_parallel_size = args.world_size // model_parallel if model_parallel > 0 else 0
     if args.global_batch_size is None:
@@ -249,6 +254,7 @@ def validate_args(args: argparse.Namespace) -> None:
              "--data-path needs --tokenizer-model PATH (the tokenizer the data was preprocessed with)")
     if args.load:
         need(os.path.isdir(args.load), f"--load {args.load}: no such directory")
+    errors += deepspeed_config.deepspeed_arg_errors(args)
     if args.poet:
         _check_poet(args, need, bool(errors))
     if errors:
