@@ -135,17 +135,25 @@ def test_merge_resets_every_copy_and_keeps_the_function(stage, zero_run):
             assert merge["adam_steps"] and set(merge["adam_steps"]) == {0.0}, merge
 
 
-@pytest.mark.parametrize("stage", (1, 3))
-def test_resume_after_exit_reproduces_the_uninterrupted_losses(stage, data, zero_run, stage_flags, extensions_dir):
-    """Iterations 5-8 resumed from the iteration-4 checkpoint print the uninterrupted losses exactly:
-    model, fp32 masters, Adam state, LR schedule, permutations, merge counter, data position and
-    every rank's RNG (dropout is on) are restored; deterministic CPU math leaves no other difference."""
-    uninterrupted, _, ckpt, _, _ = zero_run(stage)
+@pytest.mark.parametrize("stage, stopped", [(1, True), (3, False)])
+def test_resume_reproduces_the_uninterrupted_losses(stage, stopped, data, zero_run, stage_flags, extensions_dir,
+                                                     tmp_path):
+    """Iterations 5-8 resumed at iteration 4 print the uninterrupted losses exactly: model, fp32 masters,
+    Adam state, LR schedule, permutations, merge counter, data position and every rank's RNG (dropout
+    is on) are restored; deterministic CPU math leaves no other difference. ZeRO-1: from a run stopped
+    by ``--exit-interval 4``; ZeRO-3: from the uninterrupted run's iteration-4 checkpoint."""
     from megatron_poet.training.checkpointing import _write_marker
 
-    _write_marker(ckpt, 4)
-    out = _torchrun(["-m", "megatron_poet.training.pretrain", *data, *COMMON, "--load", ckpt, *stage_flags(stage)],
-                    extensions_dir)
+    uninterrupted, _, ckpt, _, _ = zero_run(stage)
+    program = ["-m", "megatron_poet.training.pretrain", *data, *COMMON, *stage_flags(stage)]
+    if stopped:
+        ckpt = str(tmp_path / "ckpt")
+        out = _torchrun(program + ["--save", ckpt, "--exit-interval", "4"], extensions_dir)
+        assert "stopping at iteration 4 (--exit-interval)" in out.stdout
+        assert losses(out) == {i: uninterrupted[i] for i in range(1, 5)}
+    else:
+        _write_marker(ckpt, 4)
+    out = _torchrun(program + ["--load", ckpt], extensions_dir)
     assert "resumed from" in out.stdout and "at iteration 4" in out.stdout
     assert losses(out) == {i: uninterrupted[i] for i in range(5, 9)}
 
@@ -185,11 +193,12 @@ def test_export_from_zero_checkpoints(zero_run, megatron_run, tmp_path):
         assert (_hf_logits(str(tmp_path / f"zero{stage}")) - expected).abs().max() < 2e-5
 
 
-def test_no_poet_baseline_under_deepspeed(data, extensions_dir, tmp_path):
-    out = _torchrun(["-m", "megatron_poet.training.pretrain", *data, *TINY, "--no-poet", "--train-iters", "5",
-                     "--zero-stage", "2", "--tensorboard-dir", str(tmp_path / "tb")], extensions_dir)
+def test_no_poet_gpt2_baseline_under_zero3(data, extensions_dir, stage_flags, tmp_path):
+    """The AdamW baseline, GPT-2 style: its output layer multiplies by the embedding's (partitioned) weight."""
+    out = _torchrun(["-m", "megatron_poet.training.pretrain", *data, *TINY, "--no-poet", "--model-style", "gpt2",
+                     "--train-iters", "5", *stage_flags(3), "--tensorboard-dir", str(tmp_path / "tb")], extensions_dir)
     got = losses(out)
-    assert "AdamW baseline, engine DeepSpeed ZeRO-2" in out.stdout
+    assert "AdamW baseline, engine DeepSpeed ZeRO-3" in out.stdout
     assert float(got[5]) < float(got[1]) - 0.3, got
     assert os.listdir(tmp_path / "tb")
 
@@ -230,6 +239,14 @@ def test_bad_deepspeed_arguments_fail_before_work(flags, config, message, tmp_pa
         argv += _config(tmp_path, config)
     with pytest.raises(ArgumentError, match=re.escape(message)):
         _parse(argv)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_example_configs_are_accepted(stage):
+    from megatron_poet.training.engine.deepspeed_config import deepspeed_config
+
+    args = _parse(["--deepspeed", "--deepspeed-config", os.path.join(ROOT, "examples", f"ds_zero{stage}.json")])
+    assert deepspeed_config(args)["zero_optimization"]["stage"] == stage
 
 
 def test_config_file_is_completed_from_the_flags(tmp_path):
