@@ -55,17 +55,6 @@ def losses(out: subprocess.CompletedProcess) -> dict[int, str]:
     return {int(i): loss for i, loss in LOSS.findall(out.stdout)}
 
 
-@pytest.fixture(scope="session")
-def data(tmp_path_factory) -> list[str]:
-    """``--data-path/--tokenizer-model`` flags of tinyshakespeare, preprocessed once per session."""
-    from megatron_poet.data import preprocess_corpus
-
-    prefix = str(tmp_path_factory.mktemp("data") / "shakespeare")
-    stats = preprocess_corpus(CORPUS, prefix, train_tokenizer_vocab_size=320, append_eod=True, progress=False)
-    return ["--data-path", prefix, "--tokenizer-model", stats.tokenizer_path, "--data-cache-path",
-            str(tmp_path_factory.mktemp("cache"))]
-
-
 RESUME = ["--train-iters", "8", "--poet-merge-interval", "3", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 
 

@@ -72,6 +72,7 @@ def run_arguments(saved: dict) -> tuple[argparse.Namespace, dict]:
     vars(args).update(saved)
     # One unsharded copy in this process, in fp32: folding P A0 R must not round to half precision.
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    args.virtual_pipeline_model_parallel_size = None
     args.sequence_parallel = False
     args.bf16 = False
     args.world_size = 1

@@ -1,11 +1,18 @@
 """Initializations of the frozen weight ``A0`` (spec §1, paper ablation on LLaMA-60M)."""
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 
 INIT_SCHEMES = ("normalized", "standard", "xavier", "uniform_spectrum")
+
+
+def mix_seed(*parts) -> int:
+    """A 63-bit seed from any printable values (stable across processes and runs)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def init_frozen_weight(

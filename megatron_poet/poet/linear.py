@@ -26,6 +26,8 @@ class POETModule(nn.Module):
     input_side: OrthogonalSide
     output_side: OrthogonalSide
     frozen_weight: torch.Tensor
+    # Layout-independent name seeding this layer's merges (MergeScheduler); None: its module path.
+    identity: str | None = None
 
     def poet_parameters(self) -> list[nn.Parameter]:
         """The trainable orthogonal-factor parameters (Adam, no weight decay, poet lr)."""

@@ -8,6 +8,7 @@ a message that says what to fix before any process group, data or model exists.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from megatron_poet.poet.config import POETConfig
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--poet-mode", choices=("fast", "mem"), default="fast")
     g.add_argument("--poet-init", default="normalized", help="initialization of A0")
     g.add_argument("--poet-variant", choices=("bs", "fs"), default="bs")
+    g.add_argument("--poet-permutation-groups", type=int, default=None,
+                   help="the tensor-parallel side's permutations stay within this many groups of each dimension; "
+                        "every TP size dividing it trains the same model. Default: the largest of 8, 4, 2, 1 "
+                        "leaving every group at least 2 blocks (the run's TP size if that does not divide it); "
+                        "1 = the paper's full permutations (TP=1 only)")
     g.add_argument("--poet-clip-ramp-iters", type=int, default=0,
                    help="after each merge, ramp the clip threshold linearly from clip/N back to clip over "
                         "N steps (the public POET code uses 10); 0 = off")
@@ -81,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline schedule: each pipeline rank holds (layers / PP) / this many "
+                        "model chunks (virtual stages)")
     g.add_argument("--sequence-parallel", action="store_true")
 
     deepspeed_config.add_arguments(p)
@@ -129,7 +138,6 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
-    args.swiglu = args.model_style == "llama"  # the FC1 width doubles for the gate
     args.num_query_groups = args.num_query_groups or args.num_attention_heads
     args.kv_channels_given = args.kv_channels is not None
     if not args.kv_channels_given and args.num_attention_heads > 0:
@@ -137,6 +145,9 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     args.deepspeed = args.deepspeed or args.zero_stage is not None
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    per_chunk, pp = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size
+    chunks = args.num_layers // (pp * per_chunk) if per_chunk and per_chunk > 0 and pp > 0 else 1
+    args.virtual_pipeline_model_parallel_size = chunks if chunks > 1 else None  # model chunks per pipeline rank
     args.data_parallel_size = args.world_size // model_parallel if model_parallel > 0 else 0
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
@@ -167,13 +178,27 @@ def poet_config(args: argparse.Namespace) -> POETConfig | None:
     """The :class:`POETConfig` of the run, ``None`` for ``--no-poet``."""
     if not args.poet:
         return None
-    return POETConfig(
+    config = POETConfig(
         block_size=args.poet_block_size,
         neumann_terms=args.poet_neumann_terms,
         mode=args.poet_mode,
         init=args.poet_init,
         variant=args.poet_variant,
+        permutation_groups=args.poet_permutation_groups,
     )
+    if config.permutation_groups is None:
+        from megatron_poet.megatron.sharding import layout_free_permutation_groups
+
+        sharded = [(d_out if parallel == "column" else d_in, 2 if name == "mlp.linear_fc1" and _swiglu(args) else 1)
+                   for name, d_in, d_out, parallel in linear_shapes(args)]
+        groups = layout_free_permutation_groups(sharded, config, args.tensor_model_parallel_size)
+        config = dataclasses.replace(config, permutation_groups=groups)
+    return config
+
+
+def _swiglu(args: argparse.Namespace) -> bool:
+    """Whether FC1 is SwiGLU's ``[gate; up]`` (its width doubles)."""
+    return args.model_style == "llama"
 
 
 def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str]]:
@@ -183,7 +208,7 @@ def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str]]:
     tensor-parallel ranks) or "row" (attention projection, FC2: the input dimension is split).
     """
     qkv_out = (args.num_attention_heads + 2 * args.num_query_groups) * args.kv_channels
-    fc1_out = args.ffn_hidden_size * (2 if args.swiglu else 1)
+    fc1_out = args.ffn_hidden_size * (2 if _swiglu(args) else 1)
     return [
         ("self_attention.linear_qkv", args.hidden_size, qkv_out, "column"),
         ("self_attention.linear_proj", args.num_attention_heads * args.kv_channels, args.hidden_size, "row"),
@@ -226,7 +251,9 @@ def validate_args(args: argparse.Namespace) -> None:
     need(args.ffn_hidden_size % t == 0,
          f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {t}")
     need(args.num_layers % pp == 0,
-         f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+         f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp} (the "
+         f"stages hold equal numbers of layers)")
+    _check_virtual_pipeline(args, need)
     if args.sequence_parallel:
         need(t > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
         need(args.seq_length % t == 0,
@@ -259,6 +286,27 @@ def validate_args(args: argparse.Namespace) -> None:
         _check_poet(args, need, bool(errors))
     if errors:
         raise ArgumentError("invalid arguments:\n  " + "\n  ".join(errors))
+
+
+def _check_virtual_pipeline(args: argparse.Namespace, need) -> None:
+    per_chunk, pp = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size
+    if per_chunk is None:
+        return
+    flag = f"--num-layers-per-virtual-pipeline-stage {per_chunk}"
+    need(per_chunk > 0, f"{flag} must be > 0")
+    need(pp > 1, f"{flag} (the interleaved schedule) needs --pipeline-model-parallel-size > 1")
+    if per_chunk <= 0 or pp <= 1 or args.num_layers % pp:
+        return
+    need((args.num_layers // pp) % per_chunk == 0,
+         f"{flag} does not divide the {args.num_layers // pp} layers of each pipeline stage "
+         f"(--num-layers {args.num_layers} / --pipeline-model-parallel-size {pp})")
+    dp = args.data_parallel_size
+    micro_batches = args.global_batch_size // (args.micro_batch_size * dp) if dp > 0 else 0
+    need(args.virtual_pipeline_model_parallel_size is None or micro_batches % pp == 0,
+         f"{flag}: the interleaved schedule runs micro-batches in groups of --pipeline-model-parallel-size {pp}, "
+         f"but each data-parallel rank has {micro_batches} per global batch (--global-batch-size "
+         f"{args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x data-parallel size {dp})); "
+         f"use a global batch size giving a multiple of {pp}")
 
 
 def _check_poet(args: argparse.Namespace, need, errors_so_far: bool) -> None:

@@ -15,8 +15,9 @@ A checkpoint holds the model (incl. POET permutations and frozen weights), the o
 samples, the merge scheduler (merge counter, steps since merge), the model-shape
 arguments and every rank's RNG states. Resuming with the same layout restores
 all of it, so an interrupted run continues bitwise like an uninterrupted one on
-CPU. Loading with another tensor-/data-parallel layout restores everything but
-the per-rank RNG states (dist_checkpointing reshards the tensors).
+CPU. Loading with another tensor-/pipeline-/data-parallel layout (or other virtual
+pipeline stages) restores everything but the per-rank RNG states (dist_checkpointing
+reshards the tensors).
 """
 from __future__ import annotations
 
@@ -145,11 +146,18 @@ def optimizer_sharding_type(args: argparse.Namespace) -> str:
     return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
 
 
+def _model_keys(model_chunks) -> list[str]:
+    """Megatron-LM's keys of the model chunks: ``model``, or ``model0``, ``model1``, ... with virtual stages.
+
+    Only the nesting differs: the tensors inside are keyed by global layer numbers
+    (megatron's layer offsets), so a checkpoint loads at any pipeline layout."""
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
 def _state_dict(args, model_chunks, optimizer, *, is_loading: bool, with_rng: bool, sharding_type: str) -> dict:
-    (model,) = model_chunks  # one chunk: no virtual pipeline stages
-    model_sd = _unwrap(model).sharded_state_dict()
+    models = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
     metadata = {"distrib_optim_sharding_type": sharding_type}
-    state = {"model": model_sd, **optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
+    state = {**models, **optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=metadata)}
     if with_rng:
         state["rng_state"] = _rng_sharded_object(None if is_loading else _rng_state())
     return state
@@ -255,8 +263,8 @@ def load_checkpoint(args, model_chunks, optimizer, merge_scheduler) -> tuple[int
     template = _state_dict(args, model_chunks, optimizer, is_loading=True, with_rng=same_layout,
                            sharding_type=common["optimizer_sharding_type"])
     state = dist_checkpointing.load(template, path)
-    (model,) = model_chunks
-    _unwrap(model).load_state_dict(state["model"])
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        _unwrap(chunk).load_state_dict(state[key])
     if merge_scheduler is not None:
         merge_scheduler.load_state_dict(state["merge_scheduler"])
     steps_since_merge = merge_scheduler.steps_since_merge if merge_scheduler else 0

@@ -19,7 +19,7 @@ from .arguments import ArgumentError, parse_args
 from .checkpointing import CheckpointError, check_checkpoint_args
 from .engine import build_engine
 from .logging import TrainingLogger
-from .model_provider import build_model, padded_vocab_size
+from .model_provider import build_model_chunks, padded_vocab_size
 from .train import train
 
 
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_poet.data import DataError, build_pretraining_data_loader
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
-    backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
+                                     virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size)
     try:
         try:
             tokenizer, train_ds, valid_ds = _setup_data(args)
@@ -79,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
 
         vocab = padded_vocab_size(args.vocab_size_unpadded, args)
         try:
-            model = build_model(args, vocab)
+            model_chunks = build_model_chunks(args, vocab)
         except ValueError as e:
             if torch.distributed.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
             return 2
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
-        engine = build_engine(args, [model])
+        # before ZeRO-3 partitions them
+        n_params = sum(p.numel() for chunk in model_chunks for p in chunk.parameters() if p.requires_grad)
+        engine = build_engine(args, model_chunks)
         state = engine.load_checkpoint()
         iteration, consumed = state.iteration, state.consumed_samples
         logger = TrainingLogger(args, vocab, iteration)

@@ -63,11 +63,15 @@ class MegatronEngine(TrainingEngine):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         args = self.args
+        n = num_microbatches(args)
+        # Each model chunk (virtual pipeline stage) reads the batch's micro-batches from an iterator of its own.
+        micro_batches = [next(data_iterator) for _ in range(n)]
+        iterators = [iter(micro_batches) for _ in self.ddp_chunks]
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=data_iterator,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.ddp_chunks if len(self.ddp_chunks) > 1 else self.ddp_chunks[0],
-            num_microbatches=num_microbatches(args),
+            num_microbatches=n,
             seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size,
             decoder_seq_length=args.seq_length,
