@@ -143,9 +143,6 @@ class _Ranks:
                       for i in range(topology.nproc_per_node)]
         self._reaped: set[int] = set()
 
-    def running(self) -> list[subprocess.Popen]:
-        return [p for p in self.procs if p.poll() is None]
-
     def newly_exited(self) -> list[tuple[int, int]]:
         """``(rank, exit code)`` of ranks that ended since the last call; their process groups are killed
         right away (before the group id could be reused)."""
@@ -157,18 +154,24 @@ class _Ranks:
                 ended.append((self.first_rank + i, p.returncode))
         return ended
 
+    def all_exited(self) -> bool:
+        """Whether :meth:`newly_exited` has returned every rank."""
+        return len(self._reaped) == len(self.procs)
+
     def send(self, sig: int) -> None:
         """``sig`` to every running rank (not its children: data-loader workers must keep serving it)."""
-        for p in self.running():
-            try:
-                os.kill(p.pid, sig)
-            except ProcessLookupError:
-                pass
+        for i, p in enumerate(self.procs):
+            if i not in self._reaped and p.returncode is None:
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    pass
 
     def kill(self) -> None:
-        """SIGKILL to every rank still running and its process group."""
-        for p in self.running():
-            _kill_group(p.pid)
+        """SIGKILL to the process group of every rank :meth:`newly_exited` has not returned yet."""
+        for i, p in enumerate(self.procs):
+            if i not in self._reaped:
+                _kill_group(p.pid)
 
 
 def _kill_group(pgid: int) -> None:
@@ -201,7 +204,7 @@ def supervise(ranks: _Ranks) -> int:
                     deadline = deadline or time.monotonic() + STOP_GRACE_S
                 elif code != 0 and failure is None:
                     failure, deadline = (rank, code), time.monotonic() + FAILURE_GRACE_S
-            if not ranks.running():
+            if ranks.all_exited():
                 break
             if deadline is not None and time.monotonic() > deadline:
                 ranks.kill()

@@ -15,7 +15,8 @@ how to launch (the program runs once per process, under a launcher):
   bash examples/pretrain_gpt_poet.sh [flags]       the example's defaults, overridden by your flags;
                                                    one process per GPU (1 on CPU), a free port
   torchrun --nproc-per-node N examples/pretrain_gpt_poet.sh [flags]     the same under torchrun
-  torchrun --nproc-per-node N -m megatron_poet.training.pretrain [flags]  this program's own defaults
+  python -m megatron_poet.launch [flags]           this program's own defaults, launched as bash does
+  torchrun --nproc-per-node N -m megatron_poet.training.pretrain [flags]  the same under torchrun
 environment of the example scripts: GPUS_PER_NODE (processes per node), NNODES, NODE_RANK,
   MASTER_ADDR (several nodes: set all three on every node), MASTER_PORT (default: a free port on
   one node, 29500 on several), DATA_PATH + TOKENIZER, CHECKPOINT_PATH, TENSORBOARD_DIR.
