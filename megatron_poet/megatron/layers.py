@@ -110,7 +110,9 @@ class _POETParallelLinear(POETModule):
         local_out = self.sharded.local_size if self.column else output_size
         self.input_side = OrthogonalSide(local_in, poet, what="input_size", **kw)
         self.output_side = OrthogonalSide(local_out, poet, what="output_size", **kw)
-        self.register_buffer("frozen_weight", torch.zeros(local_out, local_in, dtype=dtype, device=device))
+        # A frozen parameter, not a buffer: DeepSpeed ZeRO-3 partitions parameters only (see POETModule).
+        self.frozen_weight = nn.Parameter(torch.zeros(local_out, local_in, dtype=dtype, device=device),
+                                          requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(local_out, dtype=dtype, device=device)) if bias else None
 
         sharded_side, replicated_side = self._sides()
@@ -248,7 +250,14 @@ class _POETParallelLinear(POETModule):
 
 
 def _to_canonical_state(module: _POETParallelLinear, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State-dict post hook: store ``A0`` un-permuted and the sharded permutation in global indices."""
+    """State-dict post hook: store ``A0`` un-permuted and the sharded permutation in global indices.
+
+    Under DeepSpeed ZeRO-3 this rank holds only a partition of ``A0`` (the state dict
+    carries DeepSpeed's empty placeholder): the state is left as it is, DeepSpeed saves
+    the partitions itself.
+    """
+    if hasattr(module.frozen_weight, "ds_id"):
+        return
     frozen = state_dict.pop(prefix + "frozen_weight")
     out_inv, in_inv = module.output_side.inv_perm, module.input_side.inv_perm
     state_dict[prefix + "base_weight"] = frozen.detach().index_select(0, out_inv).index_select(1, in_inv)

@@ -16,8 +16,11 @@ class POETModule(nn.Module):
 
     The optimizer glue and the merge schedule find POET layers by this type.
     Subclasses hold ``input_side`` (R) and ``output_side`` (P), two
-    :class:`OrthogonalSide`, and the buffer ``frozen_weight`` (their local ``A0``,
-    stored pre-permuted ``A0[perm_out][:, perm_in]``), and implement :meth:`merge_and_reset`.
+    :class:`OrthogonalSide`, and ``frozen_weight`` (their local ``A0``, stored
+    pre-permuted ``A0[perm_out][:, perm_in]``), and implement :meth:`merge_and_reset`.
+    ``frozen_weight`` is a parameter with ``requires_grad=False`` (no gradient, no
+    optimizer state) rather than a buffer so that DeepSpeed ZeRO-3, which partitions
+    parameters but never buffers, shards it across data-parallel ranks.
     """
 
     input_side: OrthogonalSide
@@ -66,7 +69,7 @@ def dense_from_factors(
 class POETLinear(POETModule):
     """Linear layer ``y = P A0 R x + bias`` trained by POET / POET-X.
 
-    ``A0`` is frozen (a buffer ``frozen_weight``, stored pre-permuted as
+    ``A0`` is frozen (``frozen_weight``, ``requires_grad=False``, stored pre-permuted as
     ``A0[perm_out][:, perm_in]``); ``R = input_side`` and ``P = output_side`` are
     trainable block-orthogonal factors (Cayley–Neumann blocks after a random
     permutation). The forward never forms ``P A0 R``.
@@ -116,7 +119,8 @@ class POETLinear(POETModule):
             weight = init_frozen_weight(out_features, in_features, init, generator)
         self.input_side = OrthogonalSide(in_features, self.config, what="in_features", generator=generator, **kw)
         self.output_side = OrthogonalSide(out_features, self.config, what="out_features", generator=generator, **kw)
-        self.register_buffer("frozen_weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.frozen_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                          requires_grad=False)
         self._store_frozen(weight)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 

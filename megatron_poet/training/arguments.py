@@ -13,6 +13,7 @@ import os
 from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
 from megatron_poet.poet.init import INIT_SCHEMES
 
+from .engine import deepspeed_config
 from .flag_help import document
 
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
 
+    deepspeed_config.add_arguments(p)
+
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="prefixes of .bin/.idx files, optionally weighted ('0.3 a 0.7 b'); "
@@ -147,6 +150,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     if not args.kv_channels_given and args.num_attention_heads > 0:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    args.deepspeed = args.deepspeed or args.zero_stage is not None
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     args.data_parallel_size = args.world_size // model_parallel if model_parallel > 0 else 0
     if args.global_batch_size is None:
@@ -269,6 +273,7 @@ def validate_args(args: argparse.Namespace) -> None:
          f"--seq-length {args.seq_length} > --max-position-embeddings {args.max_position_embeddings}: the "
          f"gpt2 style's learned position table has no row for the later positions; raise "
          f"--max-position-embeddings or lower --seq-length")
+    errors += deepspeed_config.deepspeed_arg_errors(args)
     if args.poet:
         _check_poet(args, need, bool(errors))
     if errors:

@@ -66,7 +66,7 @@ FLAG_HELP = {
 # Metavars that say more than the flag's name.
 FLAG_METAVAR = {
     "poet_neumann_terms": "K|exact", "data_path": "PREFIX", "split": "A,B,C", "tokenizer_model": "PATH",
-    "data_cache_path": "DIR", "save": "DIR", "load": "DIR", "tensorboard_dir": "DIR",
+    "data_cache_path": "DIR", "save": "DIR", "load": "DIR", "tensorboard_dir": "DIR", "deepspeed_config": "PATH",
 }
 
 
