@@ -131,6 +131,20 @@ def test_cli(shakespeare, tmp_path, capsys):
     assert "input file not found" in capsys.readouterr().err
 
 
+def test_tokenizer_training_shows_progress(tmp_path, capfd):
+    """A bar while the trainer reads the corpus, a line while it computes the merges, one when done."""
+    from megatron_poet.data.default_corpus import generate_corpus
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(generate_corpus(200)), encoding="utf-8")
+    preprocess_corpus(str(src), str(tmp_path / "c"), train_tokenizer_vocab_size=300, progress=True)
+    err = capfd.readouterr().err
+    reading, merges, done = (err.index(s) for s in ("training tokenizer: reading", "computing the merges of a "
+                                                    "300-token vocabulary", "training tokenizer: done"))
+    assert reading < merges < done < err.index("tokenizing")
+    assert "100%" in err[reading:merges]
+
+
 def test_input_errors(tmp_path):
     tok_dir = tmp_path / "tok"
     src = tmp_path / "ok.txt"

@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from test_training import CORPUS, ROOT, TINY, _env, _free_port, data, losses, run  # noqa: F401 (data: fixture)
+from test_training import CORPUS, ROOT, TINY, _env, _free_port, losses, run  # the data fixture: conftest.py
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason='deepspeed not installed (".[deepspeed]")'),

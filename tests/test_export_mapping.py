@@ -121,6 +121,11 @@ def test_sharded_bf16_export(tmp_path):
     # Re-export unsharded into the same directory: the stale shards and index must go.
     export_gpt_model(model, str(tmp_path), tokenizer=TokenizerInfo(vocab_size=VOCAB))
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    # Ordinary permissions for everything written (safetensors itself creates files 0600).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == \
+        {p.name: oct(0o666 & ~umask) for p in tmp_path.iterdir()}
 
 
 def test_unsupported_model_is_rejected_clearly():

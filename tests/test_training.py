@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,9 +111,14 @@ def test_kill_during_save_keeps_previous_checkpoint(data, first_half, tmp_path):
             assert time.time() < deadline, "the save of iteration 6 never started"
             time.sleep(0.2)
         assert latest_iteration(first_half) == 4  # the files of 6 exist, the marker is not moved yet
+        children = psutil.Process(proc.pid).children(recursive=True)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    # No helper of the killed rank keeps running (megatron's checkpoint writer used to leave a
+    # spawned multiprocessing Manager, ~440 MB, behind; its children exit after writing).
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
     assert os.path.isdir(os.path.join(first_half, "iter_0000006"))
     assert open(os.path.join(first_half, MARKER)).read().strip() == "4"
 

@@ -16,14 +16,11 @@ Llama-style runs (RMSNorm, SwiGLU, RoPE) become LlamaForCausalLM, GPT-2-style ru
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# megatron-core warns about optional GPU libraries on import; irrelevant to a conversion.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-# torch.distributed.checkpoint deprecation notices about megatron-core's own calls.
-warnings.filterwarnings("ignore", category=FutureWarning)
+from megatron_poet.library_warnings import filter_known_warnings  # noqa: E402
 
+filter_known_warnings()  # before megatron-core is imported
 from megatron_poet.export.checkpoint import CheckpointReadError  # noqa: E402
 from megatron_poet.export.from_checkpoint import convert_checkpoint  # noqa: E402
 from megatron_poet.export.spec import UnsupportedModelError  # noqa: E402

@@ -13,12 +13,11 @@ object per line, the text under --json-key. Writes PREFIX.bin and PREFIX.idx; tr
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# megatron-core warns about optional GPU libraries on import; irrelevant to preprocessing.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
+from megatron_poet.library_warnings import filter_known_warnings  # noqa: E402
 
+filter_known_warnings()  # before megatron-core is imported
 from megatron_poet.data.preprocess import InputError, preprocess_corpus  # noqa: E402
 
 

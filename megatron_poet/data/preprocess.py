@@ -13,6 +13,7 @@ size) so training can refuse a different tokenizer.
 import json
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
@@ -145,6 +146,35 @@ def _encode_chunk(chunk: Tuple[List[str], int]) -> Tuple[List[List[int]], int]:
     return _worker_tokenizer.tokenize_batch(texts), nbytes
 
 
+def _train_tokenizer(input_path: str, input_format: str, json_key: str, vocab_size: int, out_dir: str,
+                     progress: bool) -> str:
+    """train_byte_level_bpe over the corpus, with a bar over the input bytes while the trainer reads
+    them, then a line while it computes the merges (no callback reaches into that phase)."""
+    from tqdm import tqdm
+
+    start = time.time()
+    bar = tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="training tokenizer: reading",
+               disable=not progress)
+
+    def texts() -> Iterator[str]:
+        for text, nbytes in iter_documents(input_path, input_format, json_key):
+            bar.update(nbytes)
+            yield text
+        bar.close()
+        if progress:
+            print(f"training tokenizer: computing the merges of a {vocab_size}-token vocabulary ...",
+                  file=sys.stderr, flush=True)
+
+    try:
+        path = train_byte_level_bpe(texts(), vocab_size, out_dir)
+    finally:
+        bar.close()
+    if progress:
+        print(f"training tokenizer: done in {time.time() - start:.1f}s, saved to {out_dir}", file=sys.stderr,
+              flush=True)
+    return path
+
+
 def preprocess_corpus(input_path: str, output_prefix: str, tokenizer: Optional[str] = None,
                       train_tokenizer_vocab_size: Optional[int] = None,
                       input_format: str = "auto", json_key: str = "text",
@@ -168,7 +198,8 @@ def preprocess_corpus(input_path: str, output_prefix: str, tokenizer: Optional[s
         workers: processes encoding in parallel (1: in this process; the Rust backend already
             uses threads within a batch).
         chunk_size: documents per encode batch.
-        progress: show a tqdm bar (input bytes, with docs/s and tokens/s).
+        progress: show progress on stderr: tokenizer training (input bytes read, then the merges),
+            tokenization (a tqdm bar of input bytes, with docs/s and tokens/s).
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
@@ -181,9 +212,8 @@ def preprocess_corpus(input_path: str, output_prefix: str, tokenizer: Optional[s
     os.makedirs(out_dir, exist_ok=True)
 
     if train_tokenizer_vocab_size is not None:
-        tokenizer = train_byte_level_bpe(
-            (t for t, _ in iter_documents(input_path, input_format, json_key)),
-            train_tokenizer_vocab_size, f"{output_prefix}_tokenizer")
+        tokenizer = _train_tokenizer(input_path, input_format, json_key, train_tokenizer_vocab_size,
+                                     f"{output_prefix}_tokenizer", progress)
     tok = load_hf_tokenizer(tokenizer)
     dtype = DType.optimal_dtype(tok.vocab_size)
 

@@ -26,6 +26,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def parse_size(size: str | int) -> int:
     """``"5GB"`` / ``"500MB"`` / ``"10KB"`` / ``1024`` -> bytes (decimal units, as Hugging Face)."""
     if isinstance(size, int):
@@ -73,7 +79,9 @@ def write_safetensors(out_dir: str, state: dict[str, torch.Tensor], max_shard_si
     for file_name, keys in (progress(list(zip(names, shards))) if progress else zip(names, shards)):
         # safetensors refuses views sharing storage (e.g. Q/K/V slices of one fused tensor).
         tensors = {k: state[k].contiguous().clone() for k in keys}
-        save_file(tensors, os.path.join(out_dir, file_name), metadata={"format": "pt"})
+        path = os.path.join(out_dir, file_name)
+        save_file(tensors, path, metadata={"format": "pt"})
+        os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; give the usual permissions
         weight_map.update({k: file_name for k in keys})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())

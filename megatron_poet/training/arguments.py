@@ -11,9 +11,11 @@ import argparse
 import dataclasses
 import os
 
-from megatron_poet.poet.config import POETConfig
+from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
+from megatron_poet.poet.init import INIT_SCHEMES
 
 from .engine import deepspeed_config
+from .flag_help import document
 
 
 class ArgumentError(ValueError):
@@ -24,7 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_poet.training.pretrain",
         description="Pretrain a GPT (Llama- or GPT-2-style) with POET linear layers on megatron-core.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=2)
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=int, default=None, help="grouped-query attention; default: = heads")
     g.add_argument("--kv-channels", type=int, default=None, help="default: hidden size / heads")
     g.add_argument("--seq-length", type=int, default=128)
-    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: seq length")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="gpt2 style: rows of the learned position table, >= --seq-length; llama style (RoPE): "
+                        "no table, only the context length recorded in checkpoints and exported configs; "
+                        "default: --seq-length")
     g.add_argument("--model-style", choices=("llama", "gpt2"), default="llama",
                    help="llama: RMSNorm, SwiGLU, RoPE, no biases, untied embeddings; "
                         "gpt2: LayerNorm, GELU, biases, learned positions, tied embeddings")
@@ -53,9 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="k >= 1 in G = (I+Q)(I+Q+..+Q^k), or 'exact' for the exact Cayley transform")
     g.add_argument("--poet-lr", type=float, default=None, help="Adam lr of the POET factors; default: --lr")
     g.add_argument("--poet-min-lr", type=float, default=None, help="default: poet lr x (min-lr / lr)")
-    g.add_argument("--poet-mode", choices=("fast", "mem"), default="fast")
-    g.add_argument("--poet-init", default="normalized", help="initialization of A0")
-    g.add_argument("--poet-variant", choices=("bs", "fs"), default="bs")
+    g.add_argument("--poet-mode", choices=MODES, default="fast",
+                   help="fast: keep the layers' intermediate activations for backward; mem: keep only their "
+                        "inputs and recompute (less memory, ~1 more forward)")
+    g.add_argument("--poet-init", choices=INIT_SCHEMES, default="normalized",
+                   help="the fixed random A0: normalized = Gaussian with unit-norm rows (best in the paper); "
+                        "standard = N(0, 0.02^2); xavier = Gaussian of variance 2/(fan_in+fan_out); "
+                        "uniform_spectrum = all singular values 1")
+    g.add_argument("--poet-variant", choices=VARIANTS, default="bs",
+                   help="bs: block-stochastic, R and P are b x b blocks after a random permutation; fs: fully "
+                        "stochastic, one random b-subset per side (plain-PyTorch POETLinear only: the "
+                        "tensor-parallel layers of this program take bs)")
     g.add_argument("--poet-permutation-groups", type=int, default=None,
                    help="the tensor-parallel side's permutations stay within this many groups of each dimension; "
                         "every TP size dividing it trains the same model. Default: the largest of 8, 4, 2, 1 "
@@ -97,13 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="prefixes of .bin/.idx files, optionally weighted ('0.3 a 0.7 b'); "
-                        "with neither this nor --mock-data, a small embedded default corpus is used")
+                        "with neither this nor --mock-data, the small built-in generated corpus is used")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--mock-data", action="store_true")
-    g.add_argument("--tokenizer-type", default=None, help="HuggingFaceTokenizer or NullTokenizer")
+    g.add_argument("--tokenizer-type", choices=("HuggingFaceTokenizer", "NullTokenizer"), default=None,
+                   help="default: NullTokenizer with --mock-data, else HuggingFaceTokenizer")
     g.add_argument("--tokenizer-model", default=None, help="tokenizer.json or a directory holding one")
     g.add_argument("--vocab-size", type=int, default=None, help="vocabulary of the NullTokenizer (mock data)")
-    g.add_argument("--data-cache-path", default=None, help="where sample indices and the default data are cached")
+    g.add_argument("--data-cache-path", default=None,
+                   help="where sample indices and the built-in corpus are cached; default: the indices in a "
+                        "cache/ directory beside the data, the corpus in ~/.cache/megatron_poet")
     g.add_argument("--num-workers", type=int, default=0)
 
     g = p.add_argument_group("checkpointing and logging")
@@ -120,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
-    return p
+    return document(p)
 
 
 def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
@@ -279,8 +294,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.data_path:
         need(args.tokenizer_model is not None,
              "--data-path needs --tokenizer-model PATH (the tokenizer the data was preprocessed with)")
-    if args.load:
-        need(os.path.isdir(args.load), f"--load {args.load}: no such directory")
+    if args.load:  # --save's directory may not exist yet: the first run of a save/resume command line
+        need(os.path.isdir(args.load) or args.load == args.save, f"--load {args.load}: no such directory")
+    need(args.model_style != "gpt2" or args.seq_length <= args.max_position_embeddings,
+         f"--seq-length {args.seq_length} > --max-position-embeddings {args.max_position_embeddings}: the "
+         f"gpt2 style's learned position table has no row for the later positions; raise "
+         f"--max-position-embeddings or lower --seq-length")
     errors += deepspeed_config.deepspeed_arg_errors(args)
     if args.poet:
         _check_poet(args, need, bool(errors))

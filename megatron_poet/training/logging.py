@@ -1,4 +1,5 @@
-"""Training logs: Megatron-style iteration lines, validation lines, TensorBoard, FLOP counting.
+"""Training logs: Megatron-style iteration lines, validation lines, TensorBoard, FLOP counting,
+and the end-of-run summary.
 
 FLOPs (multiply-add = 2 FLOPs) per token of one transformer layer, for what the
 model really computes. A linear ``(d_in -> d_out)``:
@@ -28,9 +29,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import resource
 import time
 
+import psutil
 import torch
 
 from .arguments import linear_shapes
@@ -110,6 +113,8 @@ class TrainingLogger:
         self._window_start = time.time()
         self._window_iters = 0
         self._run_start = time.time()
+        self.last_loss: tuple[int, float] | None = None  # (iteration, train loss), for the summary
+        self.last_validation: tuple[int, float] | None = None
 
     def print(self, message: str) -> None:
         if self.is_logger:
@@ -124,6 +129,7 @@ class TrainingLogger:
         ``orth_error`` is the largest POET orthogonality error measured since the previous line.
         """
         self._window_iters += 1
+        self.last_loss = (iteration, loss)
         if iteration % self.args.log_interval and iteration != self.args.train_iters:
             return False
         now = time.time()
@@ -166,6 +172,8 @@ class TrainingLogger:
 
     def validation(self, iteration: int, loss: float, label: str = "validation") -> None:
         ppl = math.exp(min(loss, 20.0))
+        if label == "validation":
+            self.last_validation = (iteration, loss)
         line = f" {label} loss at iteration {iteration} | lm loss: {loss:.6E} | lm loss PPL: {ppl:.6E} "
         bar = "-" * len(line)
         self.print(f"{bar}\n{line}\n{bar}")
@@ -174,6 +182,51 @@ class TrainingLogger:
             self.writer.add_scalar(f"{label}/lm loss ppl", ppl, iteration)
             self.writer.flush()
 
+    def summary(self, iteration: int, consumed_samples: int) -> None:
+        """The end-of-run block: iterations, tokens, wall time, final losses, where the outputs are."""
+        if self.is_logger:
+            self.print(run_summary(self.args, self.start_iteration, iteration, consumed_samples,
+                                   time.time() - self._run_start, self.last_loss, self.last_validation))
+
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def _loss_line(what: str, record: tuple[int, float] | None) -> str:
+    if record is None:
+        return f" final {what} loss: n/a"
+    iteration, loss = record
+    return f" final {what} loss: {loss:.6E} | PPL: {math.exp(min(loss, 20.0)):.6E} (iteration {iteration})"
+
+
+def run_summary(args: argparse.Namespace, start_iteration: int, iteration: int, consumed_samples: int,
+                training_seconds: float, last_loss: tuple[int, float] | None,
+                last_validation: tuple[int, float] | None) -> str:
+    """The lines printed at the end of a run (see :meth:`TrainingLogger.summary`)."""
+    from .checkpointing import checkpoint_dir, latest_iteration
+
+    wall = time.time() - psutil.Process().create_time()
+    done = iteration - start_iteration
+    tokens = done * args.global_batch_size * args.seq_length
+    stopped = "" if iteration >= args.train_iters else f", stopped early at iteration {iteration} of {args.train_iters}"
+    lines = [
+        " " + "=" * 30 + " run summary " + "=" * 30,
+        f" iterations: {done} in this run ({start_iteration + 1}-{iteration}){stopped}; {tokens:,} tokens "
+        f"({consumed_samples * args.seq_length:,} since the start of training)",
+        f" wall time: {datetime.timedelta(seconds=round(wall))} "
+        f"(training {datetime.timedelta(seconds=round(training_seconds))})",
+        _loss_line("train", last_loss),
+        _loss_line("validation", last_validation),
+    ]
+    saved = latest_iteration(args.save) if args.save else None
+    if saved is None:
+        lines.append(" checkpoint: none (set --save DIR, or CHECKPOINT_PATH=DIR for the example scripts)")
+    else:
+        lines.append(f" checkpoint: {os.path.abspath(checkpoint_dir(args.save, saved))} (resume with --load "
+                     f"{args.save}; Hugging Face export: python tools/convert_to_hf.py --load {args.save} --output DIR)")
+    if args.tensorboard_dir:
+        lines.append(f" TensorBoard: tensorboard --logdir {os.path.abspath(args.tensorboard_dir)}")
+    else:
+        lines.append(" TensorBoard: off (set --tensorboard-dir DIR, or TENSORBOARD_DIR=DIR)")
+    return "\n".join(lines)

@@ -1,15 +1,16 @@
 """Pretraining program: ``torchrun ... -m megatron_poet.training.pretrain [Megatron/POET flags]``.
 
 Order of work, so that bad input fails before anything expensive:
-arguments -> checkpoint shape check -> process groups -> tokenizer and data ->
-model -> training engine (megatron DDP + optimizer, or DeepSpeed ZeRO) -> checkpoint
-load -> training loop. With neither
+arguments -> process groups -> tokenizer -> checkpoint shape check -> data
+indices -> model -> training engine (megatron DDP + optimizer, or DeepSpeed ZeRO) ->
+checkpoint load -> training loop -> summary. With neither
 ``--data-path`` nor ``--mock-data`` it trains on the data helper's built-in
 corpus (generated and cached on first use; no network needed).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Iterator
 
@@ -20,12 +21,14 @@ from .checkpointing import CheckpointError, check_checkpoint_args
 from .engine import build_engine
 from .logging import TrainingLogger
 from .model_provider import build_model_chunks, padded_vocab_size
+from .process import (output_on_rank_zero_only, prepare_training_process, rank_from_env,
+                      use_in_process_checkpoint_results)
 from .train import train
 
 
-def _setup_data(args: argparse.Namespace):
-    """Tokenizer and (train, valid) datasets; fills ``args.data_path``/``tokenizer_model`` for the default corpus."""
-    from megatron_poet.data import build_tokenizer, build_train_valid_test_datasets, prepare_default_data
+def _setup_tokenizer(args: argparse.Namespace):
+    """The run's tokenizer; fills ``args.data_path``/``tokenizer_model`` for the default corpus."""
+    from megatron_poet.data import build_tokenizer, prepare_default_data
 
     if not args.data_path and not args.mock_data:
         prefix, tokenizer_path = prepare_default_data(args.data_cache_path)
@@ -33,13 +36,20 @@ def _setup_data(args: argparse.Namespace):
         args.tokenizer_type = "HuggingFaceTokenizer"
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     args.vocab_size_unpadded = tokenizer.vocab_size
+    return tokenizer
+
+
+def _build_datasets(args: argparse.Namespace, tokenizer):
+    """(train, valid) datasets; builds (or reads the cached) sample indices."""
+    from megatron_poet.data import build_train_valid_test_datasets
+
     eval_samples = args.eval_iters * args.global_batch_size
     train_ds, valid_ds, _ = build_train_valid_test_datasets(
         tokenizer, args.seq_length, (args.train_iters * args.global_batch_size, eval_samples, eval_samples),
         data_path=args.data_path, split=args.split, mock=args.mock_data, seed=args.seed,
         path_to_cache=args.data_cache_path, create_attention_mask=False,
     )
-    return tokenizer, train_ds, valid_ds
+    return train_ds, valid_ds
 
 
 def _iterate(loader) -> Iterator[dict]:
@@ -54,12 +64,23 @@ def _iterate(loader) -> Iterator[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the program; returns the exit code (2: bad input, reported once; 130: interrupted during set-up)."""
+    prepare_training_process()
     try:
-        args = parse_args(argv)
+        return _run(argv)
+    except KeyboardInterrupt:  # SIGINT/SIGTERM before the loop's handlers: the launcher reports it
+        return 128 + signal.SIGINT
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        with output_on_rank_zero_only():  # argparse's --help and errors
+            args = parse_args(argv)
         if args.bf16 and not torch.cuda.is_available():
             raise ArgumentError("--bf16 needs CUDA GPUs (megatron's mixed-precision optimizer); drop it on CPU")
     except ArgumentError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank_from_env() == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
     from megatron.core import parallel_state
@@ -67,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_poet.data import DataError, build_pretraining_data_loader
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
+    use_in_process_checkpoint_results()
     backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                                      virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size)
     try:
         try:
-            tokenizer, train_ds, valid_ds = _setup_data(args)
-            check_checkpoint_args(args)
-        except (DataError, CheckpointError, ValueError) as e:
+            tokenizer = _setup_tokenizer(args)
+            check_checkpoint_args(args)  # before the sample indices: they can take minutes
+            train_ds, valid_ds = _build_datasets(args, tokenizer)
+        except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
             if torch.distributed.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
             return 2
@@ -100,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if iteration:
             logger.print(f" resumed from {args.load} at iteration {iteration} ({consumed} consumed samples)")
+        elif args.load:
+            logger.print(f" no checkpoint in {args.load} yet: training from scratch")
 
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         train_loader = build_pretraining_data_loader(train_ds, consumed, args.micro_batch_size, dp_rank, dp_size,
@@ -110,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
         train(args, engine, _iterate(train_loader), make_valid_iterator if valid_ds is not None else None, state,
               logger)
+        logger.summary(state.iteration, state.consumed_samples)
         logger.close()
         return 0
     finally:
