@@ -111,6 +111,12 @@ class MergeScheduler:
         errors = [layer.orthogonality_error() for layer in poet_modules(self.model)]
         return float(torch.stack(errors).max()) if errors else 0.0  # one device-to-host copy
 
+    def max_a0_norm_drift(self) -> float:
+        """Largest relative change of an ``A0``'s Frobenius norm since initialization (a log diagnostic:
+        orthogonal factors preserve every singular value, so merges should leave it at rounding level)."""
+        drifts = [layer.a0_norm_drift() for layer in poet_modules(self.model)]
+        return float(torch.stack(drifts).max()) if drifts else 0.0  # one device-to-host copy
+
     def state_dict(self) -> dict:
         return {"steps_since_merge": self.steps_since_merge, "merges_done": self.merges_done, "seed": self.seed}
 
