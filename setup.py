@@ -27,7 +27,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],
-        "deepspeed": ["deepspeed"],
+        # The DeepSpeed engine reaches into ZeRO optimizers' internals (megatron_poet/training/engine/
+        # deepspeed_state.py): tested with 0.19.8.
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
         "te": ["transformer-engine[pytorch]"],
     },
 )

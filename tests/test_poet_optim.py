@@ -32,7 +32,8 @@ def test_param_groups_split_poet_decay_and_no_decay():
     no_decay = by_kind[(False, 0.0)]
     assert {id(p) for p in no_decay["params"]} == {id(model.norm.weight), id(model.norm.bias), id(model.fc1.bias)}
     assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
-    assert all("frozen_weight" not in n for n, _ in model.named_parameters())
+    frozen = [p for n, p in model.named_parameters() if n.endswith("frozen_weight")]
+    assert frozen and not any(p.requires_grad for p in frozen)  # A0: a parameter without gradient or group
 
 
 def test_merge_scheduler_merges_on_interval_and_resets_adam_state():

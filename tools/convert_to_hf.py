@@ -4,7 +4,8 @@
   python tools/convert_to_hf.py --load checkpoints/run1 --output hf/run1
   python tools/convert_to_hf.py --load checkpoints/run1 --output hf/run1 --iteration 2000 --dtype bf16
 
-Reads a checkpoint saved at any tensor-parallel size in one CPU process (no GPU needed),
+Reads a checkpoint saved at any tensor-parallel size, or by the DeepSpeed engine at any ZeRO
+stage, in one CPU process (no GPU needed),
 folds every POET layer into its dense weight P·A0·R in fp32, and writes config.json,
 generation_config.json, model.safetensors (sharded with model.safetensors.index.json above
 --max-shard-size) and the training tokenizer, loadable with

@@ -3,8 +3,9 @@
 
 Two parts, both printed as Markdown tables:
 
-1. **Measured** on this machine (CPU, gloo, one process): the training program's own model,
-   DDP wrapper, optimizer and forward/backward schedule run two steps on mock tokens, with
+1. **Measured** on this machine (CPU, gloo, one process per method): the training program's own
+   model and megatron-core engine (DDP, optimizer, forward/backward schedule) run two steps on
+   mock tokens, with
 
    - parameters / ``A0`` / gradients / optimizer state: bytes of the distinct storages of the
      trainable parameters, the frozen ``A0`` buffers (and fp32 masters), the DDP gradient
@@ -145,16 +146,13 @@ def _batch(args, micro_batch: int, generator: torch.Generator) -> dict:
 
 def measure(argv: list[str]) -> Ledger:
     """Two training steps of the program configured by ``argv`` (needs ``--mock-data --vocab-size N``)."""
-    from megatron.core.distributed import finalize_model_grads
     from torch.profiler import ProfilerActivity, profile
 
     from megatron_poet.megatron.optimizer_state import leaf_optimizers
     from megatron_poet.poet.optim import poet_modules
     from megatron_poet.training.arguments import parse_args
+    from megatron_poet.training.engine import build_engine
     from megatron_poet.training.model_provider import build_model, padded_vocab_size
-    from megatron_poet.training.optimizer import build_optimizer
-    from megatron_poet.training.pretrain import _wrap_ddp
-    from megatron_poet.training.train import _run_schedule  # the program's own forward/backward schedule
 
     args = parse_args(argv, world_size=1)
     args.vocab_size_unpadded = args.vocab_size
@@ -162,26 +160,20 @@ def measure(argv: list[str]) -> Ledger:
     ledger = Ledger()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = build_model(args, padded_vocab_size(args.vocab_size, args))
-        config = model.config
-        chunks = [_wrap_ddp(args, model, config)]
-        optimizer = build_optimizer(args, chunks)
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = optimizer.optimizer.scale_loss
+        engine = build_engine(args, [model])  # the program's megatron-core engine: DDP, optimizer, schedules
         params = [p for p in model.parameters() if p.requires_grad]
         a0 = [t for m in poet_modules(model) for t in (m.frozen_weight, getattr(m, "frozen_master", None))
               if t is not None]
         grads = [p.main_grad for p in params if getattr(p, "main_grad", None) is not None]
         for step in range(2):
-            for chunk in chunks:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
             with SavedTensorCounter(model) as counter:
-                _run_schedule(args, chunks, iter([_batch(args, args.micro_batch_size, gen)]), forward_only=False)
-            optimizer.step()
+                engine.train_batch(iter([_batch(args, args.micro_batch_size, gen)]))
+            engine.step()
     ledger.peak = profiled_peak(prof)
     ledger.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     ledger.saved = counter.bytes
-    ledger.saved_token_independent = 2 * _forward_saved(chunks[0], args, args.micro_batch_size // 2, gen) - counter.bytes
+    ledger.saved_token_independent = (2 * _forward_saved(engine.ddp_chunks[0], args, args.micro_batch_size // 2, gen)
+                                      - counter.bytes)
 
     known = {}
     for name, tensors in (("parameters", params), ("a0", a0), ("gradients", grads)):
@@ -189,20 +181,20 @@ def measure(argv: list[str]) -> Ledger:
         setattr(ledger, name, sum(mine.values()))
         known.update(mine)
     state = []
-    for leaf in leaf_optimizers(optimizer.optimizer):
+    for leaf in leaf_optimizers(engine.optimizer.optimizer):
         inner = leaf.optimizer
         state += [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         state += [p for g in inner.param_groups for p in g["params"]]  # main params (bf16 / distributed)
     ledger.optimizer = sum(n for p, n in _storage_bytes(state).items() if p not in known)
     ledger.init_transient = max((_init_transient(m) for m in poet_modules(model)), default=0.0)
-    del model, chunks, optimizer, params, a0, grads, state
+    del model, engine, params, a0, grads, state
     gc.collect()
     return ledger
 
 
 def _forward_saved(ddp, args, micro_batch: int, gen) -> int:
     """Bytes autograd keeps for backward after one forward of ``micro_batch`` sequences."""
-    from megatron_poet.training.train import forward_step
+    from megatron_poet.training.engine.base import forward_step
 
     with SavedTensorCounter(ddp.module) as counter:
         losses, _ = forward_step(iter([_batch(args, micro_batch, gen)]), ddp)

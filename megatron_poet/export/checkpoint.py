@@ -29,10 +29,16 @@ import types
 import torch
 
 from megatron_poet.training.checkpointing import MARKER, CheckpointError, checkpoint_dir, latest_iteration
+from megatron_poet.training.engine.deepspeed_checkpoint import is_deepspeed_checkpoint
 
 
 class CheckpointReadError(ValueError):
     """The checkpoint directory is missing, incomplete, unreadable or refused as unsafe."""
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is one checkpoint: a megatron dist checkpoint or a DeepSpeed-engine one."""
+    return os.path.isfile(os.path.join(path, "metadata.json")) or is_deepspeed_checkpoint(path)
 
 
 def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, int | None]:
@@ -50,7 +56,7 @@ def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, in
     """
     if not os.path.isdir(load):
         raise CheckpointReadError(f"checkpoint directory {load} does not exist")
-    if os.path.isfile(os.path.join(load, "metadata.json")):  # an iteration directory itself
+    if _is_checkpoint(load):  # an iteration directory itself
         if iteration is not None:
             raise CheckpointReadError(f"{load} is a single checkpoint; --iteration needs the directory above it")
         name = os.path.basename(os.path.normpath(load))
@@ -69,8 +75,9 @@ def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, in
     path = checkpoint_dir(load, iteration)
     if not os.path.isdir(path):
         raise CheckpointReadError(f"iteration {iteration} has no checkpoint: {path} does not exist")
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise CheckpointReadError(f"{path} is incomplete or not a megatron dist checkpoint (no metadata.json)")
+    if not _is_checkpoint(path):
+        raise CheckpointReadError(f"{path} is incomplete or not a checkpoint of the training program "
+                                  f"(neither metadata.json nor common.json)")
     return path, iteration
 
 

@@ -6,7 +6,9 @@ Steps (single process, CPU, whatever TP size the run used):
 2. rebuild the run's model with the training program's own ``build_model`` at
    TP=1 / PP=1 in fp32, with the checkpoint's padded vocabulary size (it depends
    on the training TP size, so it is read from the stored embedding's shape);
-3. load the model tensors with ``dist_checkpointing`` (which reshards TP>1 -> 1);
+3. load the model tensors with ``dist_checkpointing`` (which reshards TP>1 -> 1),
+   or, for a DeepSpeed-engine checkpoint (any ZeRO stage), with
+   :mod:`.deepspeed_checkpoint`;
 4. fold POET layers, map names and layouts, write the Hugging Face files.
 """
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass, field
 
 from ..poet.linear import POETModule
 from ..training.checkpointing import SHAPE_ARGS
+from ..training.engine.deepspeed_checkpoint import is_deepspeed_checkpoint, read_common
 
+from . import deepspeed_checkpoint
 from .checkpoint import CheckpointReadError, load_model_weights, read_common_state, read_tensor_shapes, resolve_checkpoint
 from .hf_export import TokenizerInfo, export_gpt_model
 from .spec import ExportSpec
@@ -122,17 +126,21 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
     path, iteration = resolve_checkpoint(load, iteration)
-    common = read_common_state(path)
+    deepspeed = is_deepspeed_checkpoint(path)
+    common = read_common(path) if deepspeed else read_common_state(path)
     saved = common.get("args")
     if not isinstance(saved, dict):
         raise CheckpointReadError(f"{path} records no model arguments ('args'); it was not written by the "
                                   f"training program")
     args, assumed = run_arguments(saved)
     token_info = _tokenizer(args, tokenizer)
-    shapes = read_tensor_shapes(path)
-    if EMBEDDING_KEY not in shapes:
-        raise CheckpointReadError(f"{path} has no {EMBEDDING_KEY}; cannot determine the vocabulary")
-    padded_vocab = shapes[EMBEDDING_KEY][0]
+    if deepspeed:  # trained at TP=1: its own padding
+        padded_vocab = saved["padded_vocab_size"]
+    else:
+        shapes = read_tensor_shapes(path)
+        if EMBEDDING_KEY not in shapes:
+            raise CheckpointReadError(f"{path} has no {EMBEDDING_KEY}; cannot determine the vocabulary")
+        padded_vocab = shapes[EMBEDDING_KEY][0]
 
     started = not torch.distributed.is_initialized()
     if started:
@@ -145,7 +153,7 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
 
         model = build_model(args, padded_vocab).eval()
         poet_layers = sum(isinstance(m, POETModule) for m in model.modules())
-        load_model_weights(model, path)
+        (deepspeed_checkpoint.load_model_weights if deepspeed else load_model_weights)(model, path)
         spec = export_gpt_model(model, output, tokenizer=token_info, dtype=dtype,
                                 max_shard_size=max_shard_size, progress=progress)
     finally:

@@ -74,7 +74,14 @@ class MasterShard:
 
 
 def to_canonical_state(module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State-dict post hook: ``A0`` un-permuted as ``base_weight``, the sharded permutation in global indices."""
+    """State-dict post hook: ``A0`` un-permuted as ``base_weight``, the sharded permutation in global indices.
+
+    Under DeepSpeed ZeRO-3 this rank holds only a partition of ``A0`` (the state dict
+    carries DeepSpeed's empty placeholder): the state is left as it is, DeepSpeed saves
+    the partitions itself.
+    """
+    if hasattr(module.frozen_weight, "ds_id"):
+        return
     frozen = state_dict.pop(prefix + "frozen_weight")
     if module.master is not None and module.master.group is None:
         state_dict[prefix + "base_weight"] = module.frozen_master.detach()

@@ -125,7 +125,9 @@ class _POETParallelLinear(POETModule):
         segments = (None, self.sharded.segment) if self.column else (self.sharded.segment, None)
         self.input_side = OrthogonalSide(local_in, poet, what="input_size", segment=segments[0], **kw)
         self.output_side = OrthogonalSide(local_out, poet, what="output_size", segment=segments[1], **kw)
-        self.register_buffer("frozen_weight", torch.zeros(local_out, local_in, dtype=dtype, device=device))
+        # A frozen parameter, not a buffer: DeepSpeed ZeRO-3 partitions parameters only (see POETModule).
+        self.frozen_weight = nn.Parameter(torch.zeros(local_out, local_in, dtype=dtype, device=device),
+                                          requires_grad=False)
         self.register_buffer("frozen_init_sq_norms", torch.ones(self.sharded.local_size, device=device))
         self.master = MasterShard(self, poet) if poet.fp32_master_a0 else None
         self.register_buffer("frozen_master", self.master.empty(device) if self.master else None, persistent=False)

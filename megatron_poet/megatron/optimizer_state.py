@@ -70,9 +70,21 @@ def _poet_groups(inner: torch.optim.Optimizer, mains: list[torch.Tensor]) -> lis
             raise RuntimeError(
                 "a POET parameter shares an optimizer parameter group with other parameters and this "
                 "optimizer keeps its Adam step per group, so the step could not be reset alone (build the "
-                "optimizer with megatron_poet.training.optimizer.build_optimizer)"
+                "optimizer with megatron_poet.training.optimizer.MegatronTrainingOptimizer)"
             )
     return groups
+
+
+@torch.no_grad()
+def zero_main_and_adam_state(inner: torch.optim.Optimizer, main: torch.Tensor) -> None:
+    """Zero ``main`` (a main copy of POET factors: the merged layer has ``Q = 0``) and its state in the
+    torch optimizer ``inner``: Adam moments 0 and a per-parameter ``step`` 0 (bias correction restarts)."""
+    main.zero_()
+    for key, value in inner.state.get(main, {}).items():
+        if torch.is_tensor(value):
+            value.zero_()
+        else:
+            inner.state[main][key] = 0
 
 
 @torch.no_grad()
@@ -87,12 +99,7 @@ def reset_poet_optimizer_state(optimizer, params: Iterable[nn.Parameter]) -> Non
         mains = main_params(leaf, params)
         inner = leaf.optimizer
         for main in mains:
-            main.zero_()  # the merged layer has Q = 0
-            for key, value in inner.state.get(main, {}).items():
-                if torch.is_tensor(value):
-                    value.zero_()
-                else:
-                    inner.state[main][key] = 0
+            zero_main_and_adam_state(inner, main)
         for group in _poet_groups(inner, mains):
             group["step"] = 0
 

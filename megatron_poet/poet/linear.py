@@ -7,7 +7,7 @@ from torch import nn
 from .config import POETConfig
 from .functional import poet_linear
 from .init import fill_frozen_weight
-from .merge import fold_exact_, permute_, permuted_copy
+from .merge import fold_exact_, nearest_orthogonal, permute_, permuted_copy
 from .rotation import block_rotate
 from .side import OrthogonalSide
 
@@ -18,10 +18,12 @@ class POETModule(nn.Module):
     The optimizer glue and the merge schedule find POET layers by this type.
     Subclasses hold ``input_side`` (R) and ``output_side`` (P), two
     :class:`OrthogonalSide`; ``frozen_weight``, their local ``A0`` stored pre-permuted
-    (``A0[perm_out][:, perm_in]``; a buffer or a frozen parameter: only updated in place);
-    optionally ``frozen_master``, a float32 copy of ``A0`` in canonical (un-permuted) order
-    that merges update instead when ``frozen_weight`` is half precision; and
-    ``frozen_init_sq_norms``, squared norms of ``A0``'s lines along :attr:`norm_axis` at
+    (``A0[perm_out][:, perm_in]``), a parameter with ``requires_grad=False`` (no gradient,
+    no optimizer state) rather than a buffer so that DeepSpeed ZeRO-3, which partitions
+    parameters but never buffers, shards it across data-parallel ranks (only ever updated
+    in place); optionally ``frozen_master``, a float32 copy of ``A0`` in canonical
+    (un-permuted) order that merges update instead when ``frozen_weight`` is half precision;
+    and ``frozen_init_sq_norms``, squared norms of ``A0``'s lines along :attr:`norm_axis` at
     initialization (for :meth:`a0_norm_drift`). They implement :meth:`merge_and_reset`.
     """
 
@@ -103,24 +105,29 @@ def line_sq_norms(weight: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def dense_from_factors(
-    frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide
+    frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide, orthogonal: bool = False,
 ) -> torch.Tensor:
     """``P A0 R`` as a dense ``(d_out, d_in)`` matrix from the pre-permuted ``A0'``.
 
-    Computed in float32, or float64 for a float64 layer (half precisions never).
+    Computed in float32, or float64 for a float64 layer (half precisions never). With
+    ``orthogonal``: the weight a merge produces, from the orthogonal matrices nearest to the
+    blocks (:func:`.merge.nearest_orthogonal`), in float64.
     """
-    dtype = torch.promote_types(frozen_weight.dtype, torch.float32)
-    w = block_rotate(frozen_weight.to(dtype), input_side.blocks(dtype).transpose(1, 2), input_side.segment)
-    w = block_rotate(w.t().contiguous(), output_side.blocks(dtype), output_side.segment).t()  # BD(G_P) A0' BD(G_R)
+    dtype = torch.float64 if orthogonal else torch.promote_types(frozen_weight.dtype, torch.float32)
+    r, p = ((nearest_orthogonal(side.blocks()).to(frozen_weight.device) if orthogonal else side.blocks(dtype))
+            for side in (input_side, output_side))
+    w = block_rotate(frozen_weight.to(dtype), r.transpose(1, 2), input_side.segment)  # A0' BD(G_R)
+    w = block_rotate(w.t().contiguous(), p, output_side.segment).t()  # BD(G_P) A0' BD(G_R)
     return w.index_select(0, output_side.inv_perm).index_select(1, input_side.inv_perm)
 
 
 class POETLinear(POETModule):
     """Linear layer ``y = P A0 R x + bias`` trained by POET / POET-X.
 
-    ``A0`` is frozen (``frozen_weight``, stored pre-permuted as ``A0[perm_out][:, perm_in]``);
-    ``R = input_side`` and ``P = output_side`` are trainable block-orthogonal factors
-    (Cayley–Neumann blocks after a random permutation). The forward never forms ``P A0 R``.
+    ``A0`` is frozen (``frozen_weight``, ``requires_grad=False``, stored pre-permuted as
+    ``A0[perm_out][:, perm_in]``); ``R = input_side`` and ``P = output_side`` are
+    trainable block-orthogonal factors (Cayley–Neumann blocks after a random
+    permutation). The forward never forms ``P A0 R``.
 
     Args:
         in_features, out_features: as ``nn.Linear``.
@@ -169,7 +176,8 @@ class POETLinear(POETModule):
         kw = dict(layer=name, dtype=dtype, device=device)
         self.input_side = OrthogonalSide(in_features, self.config, what="in_features", generator=generator, **kw)
         self.output_side = OrthogonalSide(out_features, self.config, what="out_features", generator=generator, **kw)
-        self.register_buffer("frozen_weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.frozen_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                          requires_grad=False)
         master = torch.empty(out_features, in_features, dtype=torch.float32, device=device) if fp32_master_a0 else None
         self.register_buffer("frozen_master", master)
         self.register_buffer("frozen_init_sq_norms", torch.empty(out_features, dtype=torch.float32, device=device))

@@ -1,7 +1,8 @@
 """Optimizer glue: POET parameter groups and the merge-then-reinitialize schedule."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import contextlib
+from typing import Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
@@ -61,6 +62,10 @@ class MergeScheduler:
             the POET parameters. Pass ``optimizer=`` for ``torch.optim``
             optimizers; Megatron's or DeepSpeed's optimizers plug in their own.
         seed: base seed of the permutations drawn at merges.
+        materialize: ``fn(params, modified) -> context manager`` within which ``params``
+            hold their full values (and, if ``modified``, keep what is written to them);
+            DeepSpeed ZeRO-3 gathers its partitions there. Layers are visited one at a
+            time. Default: parameters are always complete (no context).
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class MergeScheduler:
         optimizer: torch.optim.Optimizer | None = None,
         reset_optimizer_state: Callable[[list[nn.Parameter]], None] | None = None,
         seed: int = 0,
+        materialize: Callable[[list[nn.Parameter], bool], ContextManager] | None = None,
     ):
         if not isinstance(merge_interval, int) or merge_interval < 1:
             raise ValueError(f"merge_interval must be a positive integer, got {merge_interval!r}")
@@ -80,6 +86,7 @@ class MergeScheduler:
         self.merge_interval = merge_interval
         self.seed = seed
         self._reset = reset_optimizer_state or (lambda ps: reset_torch_optimizer_state(optimizer, ps))
+        self._materialize = materialize or (lambda params, modified: contextlib.nullcontext())
         self.steps_since_merge = 0
         self.merges_done = 0
 
@@ -101,21 +108,28 @@ class MergeScheduler:
         layers = poet_modules(self.model)
         generator = torch.Generator().manual_seed(merge_seed(self.seed, self.merges_done))
         for layer in layers:
-            layer.merge_and_reset(generator)
+            with self._materialize(list(layer.parameters()), True):
+                layer.merge_and_reset(generator)
         self._reset([p for layer in layers for p in layer.poet_parameters()])
         self.merges_done += 1
         self.steps_since_merge = 0
 
     def max_orthogonality_error(self) -> float:
         """Largest ``||G^T G - I||_F`` over all POET blocks of the model (a log diagnostic)."""
-        errors = [layer.orthogonality_error() for layer in poet_modules(self.model)]
-        return float(torch.stack(errors).max()) if errors else 0.0  # one device-to-host copy
+        return self._max_over_layers(lambda layer: layer.poet_parameters(), lambda layer: layer.orthogonality_error())
 
     def max_a0_norm_drift(self) -> float:
         """Largest relative change of an ``A0``'s Frobenius norm since initialization (a log diagnostic:
         orthogonal factors preserve every singular value, so merges should leave it at rounding level)."""
-        drifts = [layer.a0_norm_drift() for layer in poet_modules(self.model)]
-        return float(torch.stack(drifts).max()) if drifts else 0.0  # one device-to-host copy
+        return self._max_over_layers(lambda layer: [layer.frozen_weight], lambda layer: layer.a0_norm_drift())
+
+    def _max_over_layers(self, params, measure) -> float:
+        """Max of ``measure(layer)`` (a 0-d tensor) over the POET layers, each with ``params(layer)`` materialized."""
+        values = []
+        for layer in poet_modules(self.model):
+            with self._materialize(params(layer), False):
+                values.append(measure(layer))
+        return float(torch.stack(values).max()) if values else 0.0  # one device-to-host copy
 
     def state_dict(self) -> dict:
         return {"steps_since_merge": self.steps_since_merge, "merges_done": self.merges_done, "seed": self.seed}

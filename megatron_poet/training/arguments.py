@@ -12,6 +12,8 @@ import os
 
 from megatron_poet.poet.config import POETConfig
 
+from .engine import deepspeed_config
+
 
 class ArgumentError(ValueError):
     """An invalid combination of command-line arguments; the message says what to fix."""
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
 
+    deepspeed_config.add_arguments(p)
+
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="prefixes of .bin/.idx files, optionally weighted ('0.3 a 0.7 b'); "
@@ -140,6 +144,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     if not args.kv_channels_given and args.num_attention_heads > 0:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    args.deepspeed = args.deepspeed or args.zero_stage is not None
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     args.data_parallel_size = args.world_size // model_parallel if model_parallel > 0 else 0
     if args.global_batch_size is None:
@@ -264,6 +269,7 @@ def validate_args(args: argparse.Namespace) -> None:
              "--data-path needs --tokenizer-model PATH (the tokenizer the data was preprocessed with)")
     if args.load:
         need(os.path.isdir(args.load), f"--load {args.load}: no such directory")
+    errors += deepspeed_config.deepspeed_arg_errors(args)
     if args.poet:
         _check_poet(args, need, bool(errors))
     if errors:
@@ -280,6 +286,8 @@ def _check_poet(args: argparse.Namespace, need, errors_so_far: bool) -> None:
     need(args.poet_merge_interval > 0, f"--poet-merge-interval must be > 0, got {args.poet_merge_interval}")
     need(args.bf16 or not args.poet_fp32_master_a0,
          "--poet-fp32-master-a0 keeps an fp32 copy of bf16 weights; it needs --bf16")
+    need(not (args.deepspeed and args.poet_fp32_master_a0),
+         "--poet-fp32-master-a0 is implemented for the megatron-core engine, not with --deepspeed")
     if errors_so_far:  # the model layout below presumes sane sizes
         return
     from megatron_poet.megatron.model import validate_model_config

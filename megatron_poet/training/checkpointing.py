@@ -11,8 +11,7 @@ then rank 0 replaces the marker atomically (write a temporary file, fsync,
 marker on the previous complete checkpoint; a partial directory is ignored and
 removed by the next save of that iteration.
 
-A checkpoint holds the model (incl. POET permutations and frozen weights, which
-are module buffers), the optimizer and LR schedule, the iteration, consumed
+A checkpoint holds the model (incl. POET permutations and frozen weights), the optimizer and LR schedule, the iteration, consumed
 samples, the merge scheduler (merge counter, steps since merge), the model-shape
 arguments and every rank's RNG states. Resuming with the same layout restores
 all of it, so an interrupted run continues bitwise like an uninterrupted one on
@@ -208,7 +207,12 @@ def check_checkpoint_args(args: argparse.Namespace) -> int | None:
     if not os.path.isdir(path):
         raise CheckpointError(f"{os.path.join(args.load, MARKER)} points to iteration {iteration} but {path} "
                               f"does not exist; restore the directory or fix the marker")
-    saved = dist_checkpointing.load_common_state_dict(path)["args"]
+    from .engine import deepspeed_checkpoint
+
+    if args.deepspeed or deepspeed_checkpoint.is_deepspeed_checkpoint(path):
+        saved = deepspeed_checkpoint.saved_args_for_resume(args, path)
+    else:
+        saved = dist_checkpointing.load_common_state_dict(path)["args"]
     ours = shape_args(args)
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, command line {ours[k]!r}"
              for k in SHAPE_ARGS if saved.get(k) != ours[k]]

@@ -1,11 +1,11 @@
-"""The optimizer seam: everything the training loop asks of an optimizer.
+"""The megatron engine's optimizer: megatron-core's optimizer and LR schedule with POET groups.
 
-The loop only talks to a :class:`TrainingOptimizer`: ``zero_grad``, ``step``
+:class:`MegatronTrainingOptimizer` wraps ``get_megatron_optimizer`` (plain or
+``--use-distributed-optimizer``) and ``OptimizerParamScheduler`` for
+:class:`~megatron_poet.training.engine.megatron.MegatronEngine`: ``zero_grad``, ``step``
 (clip, update, advance the LR schedule), ``reset_poet_state`` (the merge),
-``learning_rate`` and the checkpoint hooks. :class:`MegatronTrainingOptimizer`
-implements it with megatron-core's ``get_megatron_optimizer`` (plain or
-``--use-distributed-optimizer``) and ``OptimizerParamScheduler``; a DeepSpeed
-ZeRO engine is another implementation of the same class interface.
+``learning_rate``, ``set_clip_scale`` and the checkpoint hooks. :func:`lr_scheduler`
+is the schedule of both engines.
 
 Hyper-parameters (POET_SPEC §3): POET factors use Adam without weight decay at
 ``--poet-lr`` (scheduled to ``--poet-min-lr``; no hidden scale); everything
@@ -39,29 +39,37 @@ def poet_parameters(model_chunks: list[nn.Module]) -> list[nn.Parameter]:
     return [p for chunk in model_chunks for m in poet_modules(chunk) for p in m.poet_parameters()]
 
 
-class TrainingOptimizer:
-    """Interface of an optimizer as the training loop uses it (see module docstring)."""
+def lr_scheduler(args: argparse.Namespace, optimizer):
+    """megatron's ``OptimizerParamScheduler`` over ``optimizer.param_groups`` (iterations as steps).
 
-    def zero_grad(self) -> None:
-        raise NotImplementedError
+    Groups carrying ``max_lr``/``min_lr`` (the POET groups: ``--poet-lr``) follow those;
+    the others ``--lr``/``--min-lr``. ``wd_mult`` scales ``--weight-decay`` per group.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    def step(self) -> tuple[bool, float | None]:
-        """Clip, update and advance the schedule by one iteration; ``(updated, grad norm)``."""
-        raise NotImplementedError
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
 
-    def reset_poet_state(self, params: list[nn.Parameter]) -> None:
-        """After a POET merge: zero the optimizer's copies of ``params`` and forget their Adam state."""
-        raise NotImplementedError
 
-    def learning_rate(self) -> float:
-        raise NotImplementedError
+def canonical_learning_rate(param_groups: list[dict]) -> float:
+    """The lr of the ``--lr`` schedule: that of the first group marked ``default_config``."""
+    from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 
-    def set_clip_scale(self, scale: float) -> None:
-        """Multiply the configured gradient-clip threshold by ``scale`` (<= 1) from the next step."""
-        raise NotImplementedError
+    return get_canonical_lr_for_logging(param_groups)
 
 
-class MegatronTrainingOptimizer(TrainingOptimizer):
+class MegatronTrainingOptimizer:
     """megatron-core optimizer + ``OptimizerParamScheduler`` (iterations as scheduler steps).
 
     Attributes:
@@ -72,7 +80,6 @@ class MegatronTrainingOptimizer(TrainingOptimizer):
     def __init__(self, args: argparse.Namespace, model_chunks: list[nn.Module]):
         from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
         from megatron.core.optimizer import get_standard_config_overrides
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.poet_params = poet_parameters(model_chunks)
         for p in self.poet_params:
@@ -97,19 +104,7 @@ class MegatronTrainingOptimizer(TrainingOptimizer):
             }
         self.optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
         _identify_groups_by_poet_flag(self.optimizer)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=args.lr,
-            min_lr=args.min_lr,
-            lr_warmup_steps=args.lr_warmup_iters,
-            lr_decay_steps=args.lr_decay_iters,
-            lr_decay_style=args.lr_decay_style,
-            start_wd=args.weight_decay,
-            end_wd=args.weight_decay,
-            wd_incr_steps=args.train_iters,
-            wd_incr_style="constant",
-        )
+        self.scheduler = lr_scheduler(args, self.optimizer)
         self._configs = [leaf.config for leaf in leaf_optimizers(self.optimizer)]
         self._configs.append(self.optimizer.config)
         self._clip_grad = args.clip_grad
@@ -128,9 +123,7 @@ class MegatronTrainingOptimizer(TrainingOptimizer):
 
     def learning_rate(self) -> float:
         """The lr of the ``--lr`` schedule (POET groups follow ``--poet-lr``)."""
-        from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
-
-        return get_canonical_lr_for_logging(self.optimizer.param_groups)
+        return canonical_learning_rate(self.optimizer.param_groups)
 
     def set_clip_scale(self, scale: float) -> None:
         for config in self._configs:
@@ -201,8 +194,3 @@ def _identify_groups_by_poet_flag(optimizer) -> None:
     for leaf in leaf_optimizers(optimizer):
         for group in leaf.optimizer.param_groups:
             group.setdefault(POET_GROUP_KEY, False)
-
-
-def build_optimizer(args: argparse.Namespace, model_chunks: list[nn.Module]) -> TrainingOptimizer:
-    """THE seam: the optimizer implementation for ``args`` (megatron-core's today)."""
-    return MegatronTrainingOptimizer(args, model_chunks)

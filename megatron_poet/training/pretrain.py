@@ -2,7 +2,8 @@
 
 Order of work, so that bad input fails before anything expensive:
 arguments -> checkpoint shape check -> process groups -> tokenizer and data ->
-model -> DDP -> optimizer -> checkpoint load -> training loop. With neither
+model -> training engine (megatron DDP + optimizer, or DeepSpeed ZeRO) -> checkpoint
+load -> training loop. With neither
 ``--data-path`` nor ``--mock-data`` it trains on the data helper's built-in
 corpus (generated and cached on first use; no network needed).
 """
@@ -15,11 +16,11 @@ from typing import Iterator
 import torch
 
 from .arguments import ArgumentError, parse_args
-from .checkpointing import CheckpointError, check_checkpoint_args, load_checkpoint
+from .checkpointing import CheckpointError, check_checkpoint_args
+from .engine import build_engine
 from .logging import TrainingLogger
 from .model_provider import build_model, padded_vocab_size
-from .optimizer import build_optimizer
-from .train import TrainingState, train
+from .train import train
 
 
 def _setup_data(args: argparse.Namespace):
@@ -39,19 +40,6 @@ def _setup_data(args: argparse.Namespace):
         path_to_cache=args.data_cache_path, create_attention_mask=False,
     )
     return tokenizer, train_ds, valid_ds
-
-
-def _wrap_ddp(args: argparse.Namespace, model: torch.nn.Module, config) -> torch.nn.Module:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=args.bf16,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-    )
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    ddp.broadcast_params()  # identical replicas whatever the per-rank init did
-    return ddp
 
 
 def _iterate(loader) -> Iterator[dict]:
@@ -75,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
 
     from megatron_poet.data import DataError, build_pretraining_data_loader
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
@@ -97,28 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             if torch.distributed.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
             return 2
-        # One config object for the model, its DDP wrapper and the schedules: megatron's
-        # schedules read their hooks (finalize_model_grads_func, ...) from the wrapper's config.
-        config = model.config
-        model_chunks = [_wrap_ddp(args, model, config)]
-        optimizer = build_optimizer(args, model_chunks)
-        merge_scheduler = None
-        if args.poet:
-            from megatron_poet.poet.optim import MergeScheduler
-
-            merge_scheduler = MergeScheduler(model, args.poet_merge_interval,
-                                             reset_optimizer_state=optimizer.reset_poet_state, seed=args.seed)
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = optimizer.optimizer.scale_loss
-        if args.overlap_grad_reduce:
-            config.no_sync_func = model_chunks[0].no_sync
-
-        iteration, consumed = load_checkpoint(args, model_chunks, optimizer, merge_scheduler) if args.load else (0, 0)
-        state = TrainingState(iteration, consumed)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
+        engine = build_engine(args, [model])
+        state = engine.load_checkpoint()
+        iteration, consumed = state.iteration, state.consumed_samples
         logger = TrainingLogger(args, vocab, iteration)
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.print(
-            f" megatron_poet pretraining: {'POET' if args.poet else 'AdamW baseline'}, backend {backend}, "
+            f" megatron_poet pretraining: {'POET' if args.poet else 'AdamW baseline'}, engine {engine.name}, "
+            f"backend {backend}, "
             f"world {args.world_size} (TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, "
             f"DP {args.data_parallel_size}), {n_params:,} trainable parameters per model-parallel rank, "
             f"vocab {args.vocab_size_unpadded} (padded {vocab}), data {' '.join(args.data_path or ['mock'])}"
@@ -133,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         def make_valid_iterator():
             return _iterate(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size))
 
-        train(args, model_chunks, optimizer, merge_scheduler, _iterate(train_loader),
-              make_valid_iterator if valid_ds is not None else None, state, logger)
+        train(args, engine, _iterate(train_loader), make_valid_iterator if valid_ds is not None else None, state,
+              logger)
         logger.close()
         return 0
     finally:

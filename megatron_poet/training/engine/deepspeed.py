@@ -1,0 +1,154 @@
+"""The DeepSpeed engine: ZeRO-1/2/3 data parallelism for the same megatron-core model.
+
+``deepspeed.initialize`` wraps the megatron-core ``GPTModel`` (tensor- and pipeline-parallel
+size 1) with a ZeRO optimizer around ``torch.optim.AdamW`` whose parameter groups are the
+program's (POET factors: ``--poet-lr``, no weight decay, a group of their own); megatron's
+``OptimizerParamScheduler`` drives their learning rates exactly as in the megatron engine.
+One global batch is ``gradient_accumulation_steps`` micro-batches of forward +
+``engine.backward``; DeepSpeed reduces (ZeRO-1: all-reduce, ZeRO-2/3: reduce-scatter) and
+clips at the accumulation boundary.
+
+Under ZeRO-3 every parameter is partitioned across data-parallel ranks, the frozen ``A0``
+(a parameter with ``requires_grad=False``) included, so its memory per rank falls with the
+number of ranks; it gets no gradient and no optimizer state. POET layers are ZeRO-3 *leaf*
+modules: their forward reaches the skew parameters of their ``OrthogonalSide`` children
+through a method (``side.blocks()``), which DeepSpeed's per-module gathering hooks would not
+see, so DeepSpeed gathers a POET layer's parameters as a whole. Merges and orthogonality
+measurements gather one layer at a time (:func:`.deepspeed_state.gathered`).
+
+On a CPU-only machine DeepSpeed would compile a shared-memory all-reduce op when it sets up
+communication (a C++ build of ~15 minutes on 2 cores, which hangs later runs if killed);
+gloo does the same job, so that op is never built here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import warnings
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from megatron_poet.poet.optim import poet_modules, poet_param_groups
+
+from ..optimizer import canonical_learning_rate, lr_scheduler
+from . import deepspeed_checkpoint
+from .base import BatchLoss, StepResult, TrainingEngine, TrainingState, forward_step, num_microbatches, reduce_loss
+from .deepspeed_config import deepspeed_config
+from .deepspeed_state import POET_GROUP_KEY, gathered, reset_poet_optimizer_state
+
+
+def import_deepspeed():
+    """``deepspeed``, quiet (warnings only) and, on CPUs, without its shared-memory communication op."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # instead of a warning per rank that it fell back to it
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    # DeepSpeed's collectives use names torch deprecates; one warning per rank and call site is noise.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if get_accelerator().device_name() == "cpu":
+        # (the submodule itself: the name deepspeed.comm.torch is shadowed by torch)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo instead, see above
+    return deepspeed
+
+
+def param_groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
+    """AdamW parameter groups with the keys megatron's ``OptimizerParamScheduler`` reads.
+
+    POET factors: ``--poet-lr`` schedule, no weight decay; other matrices: ``--lr``, weight
+    decay; other 1-D parameters (norms, biases): ``--lr``, no weight decay (Megatron's rule).
+    """
+    groups = poet_param_groups(model, args.lr, args.poet_lr, args.weight_decay)
+    for group in groups:
+        if group[POET_GROUP_KEY]:
+            group.update(max_lr=args.poet_lr, min_lr=args.poet_min_lr, wd_mult=0.0)
+        else:
+            group.update(wd_mult=1.0 if group["weight_decay"] else 0.0, default_config=True)
+    return groups
+
+
+def _prepare_zero3(deepspeed, model: nn.Module) -> None:
+    """Gathering rules for parameters used outside their own module's forward."""
+    classes = sorted({type(m) for m in poet_modules(model)}, key=lambda c: c.__qualname__)
+    if classes:
+        deepspeed.utils.set_z3_leaf_modules(model, classes)
+    if getattr(model, "share_embeddings_and_output_weights", False) and getattr(model, "post_process", False):
+        # GPT-2 style: the output layer multiplies by the embedding's weight.
+        deepspeed.zero.register_external_parameter(model.output_layer, model.shared_embedding_or_output_weight())
+
+
+class DeepSpeedEngine(TrainingEngine):
+    """DeepSpeed ZeRO training of one model chunk (data parallelism only).
+
+    Attributes:
+        engine: the ``deepspeed.DeepSpeedEngine``.
+        zero_stage: 1, 2 or 3.
+        scheduler: megatron's ``OptimizerParamScheduler`` over the ZeRO optimizer's groups.
+    """
+
+    def __init__(self, args: argparse.Namespace, model_chunks: list[nn.Module]):
+        super().__init__(args)
+        deepspeed = import_deepspeed()
+        (model,) = model_chunks  # no pipeline parallelism: the config checks exclude it
+        config = deepspeed_config(args)
+        self.zero_stage = config["zero_optimization"]["stage"]
+        self.name = f"DeepSpeed ZeRO-{self.zero_stage}"
+        self.model_chunks = model_chunks
+        if self.zero_stage == 3:
+            _prepare_zero3(deepspeed, model)
+        optimizer = torch.optim.AdamW(param_groups(args, model), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                      eps=args.adam_eps, weight_decay=args.weight_decay)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                    dist_init_required=False)
+        deepspeed_checkpoint.use_safe_loading(self.engine)
+        self.scheduler = lr_scheduler(args, self.engine.optimizer)
+        self.merge_scheduler = self._merge_scheduler(gathered if self.zero_stage == 3 else None)
+
+    def _run(self, data_iterator: Iterator[dict], backward: bool) -> BatchLoss | None:
+        count = num_microbatches(self.args)
+        outputs = []
+        for i in range(count):
+            losses, loss_func = forward_step(data_iterator, self.engine)
+            total, tokens, report = loss_func(losses)
+            if backward:
+                self.engine.backward(total / tokens)  # DeepSpeed divides by the accumulation steps
+                if i < count - 1:
+                    self.engine.step()  # not yet the accumulation boundary: DeepSpeed only counts it
+            outputs.append(report)
+        return reduce_loss(outputs)
+
+    def train_batch(self, data_iterator: Iterator[dict]) -> BatchLoss | None:
+        # DeepSpeed zeroes the gradients itself after every update.
+        return self._run(data_iterator, backward=True)
+
+    @torch.no_grad()
+    def eval_batch(self, data_iterator: Iterator[dict]) -> BatchLoss | None:
+        return self._run(data_iterator, backward=False)
+
+    def step(self) -> StepResult:
+        self.engine.step()
+        updated = self.engine.was_step_applied()
+        if updated:
+            self.scheduler.step(increment=1)
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(updated, None if norm is None else float(norm))
+
+    def reset_poet_state(self, params: list[nn.Parameter]) -> None:
+        reset_poet_optimizer_state(self.engine.optimizer)
+
+    def learning_rate(self) -> float:
+        return canonical_learning_rate(self.engine.optimizer.param_groups)
+
+    def set_clip_scale(self, scale: float) -> None:
+        self.engine.optimizer.clip_grad = self.args.clip_grad * scale
+
+    def save_checkpoint(self, state: TrainingState) -> str:
+        return deepspeed_checkpoint.save(self, state)
+
+    def load_checkpoint(self) -> TrainingState:
+        return deepspeed_checkpoint.load(self)

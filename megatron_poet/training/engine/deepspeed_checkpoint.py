@@ -1,0 +1,188 @@
+"""Checkpoints of the DeepSpeed engine: DeepSpeed's own files in the program's layout, read safely.
+
+Layout under ``--save``, as for the megatron engine::
+
+    iter_0000100/                       DeepSpeed's save_checkpoint(tag="iter_0000100") + common.json
+    latest_checkpointed_iteration.txt   moved atomically once every rank has written
+
+Inside ``iter_XXXXXXX``: DeepSpeed's model-state file(s) (ZeRO-1/2: ``mp_rank_00_model_states.pt``
+with the full model; ZeRO-3: one ``zero_pp_rank_R_mp_rank_00_model_states.pt`` per rank with its
+partition of the frozen parameters, ``A0`` included), one ``*_optim_states.pt`` per rank (fp32
+partitions and Adam state) and :data:`COMMON_FILE`, plain JSON: engine, ZeRO stage, the model
+arguments, iteration, consumed samples (the data position), the merge scheduler and the layout.
+DeepSpeed's client state carries the LR schedule and every rank's RNG states. POET permutations
+are module buffers in the model state. A resumed run therefore continues bitwise like an
+uninterrupted one on CPU, at the same ZeRO stage and data-parallel size.
+
+Reading never unpickles arbitrary objects: every DeepSpeed file is loaded by :func:`safe_load`
+(``torch.load(weights_only=True)`` plus the few plain-data DeepSpeed classes the files reference),
+also when DeepSpeed itself loads a checkpoint (:func:`use_safe_loading`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import torch
+
+from ..checkpointing import (
+    CheckpointError, _layout, _rng_state, _set_rng_state, _warn_if_vocab_padding_differs, _write_marker,
+    checkpoint_dir, latest_iteration, recorded_args,
+)
+from .base import TrainingState
+from .deepspeed_config import deepspeed_config
+
+COMMON_FILE = "common.json"
+ENGINE = "deepspeed"
+
+
+def is_deepspeed_checkpoint(path: str) -> bool:
+    """Whether the ``iter_XXXXXXX`` directory ``path`` was written by the DeepSpeed engine."""
+    return os.path.isfile(os.path.join(path, COMMON_FILE))
+
+
+def read_common(path: str) -> dict:
+    """The plain-data common state of a DeepSpeed-engine checkpoint directory."""
+    try:
+        with open(os.path.join(path, COMMON_FILE)) as f:
+            common = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {os.path.join(path, COMMON_FILE)}: {err}") from None
+    if not isinstance(common, dict) or common.get("engine") != ENGINE:
+        raise CheckpointError(f"{os.path.join(path, COMMON_FILE)} is not a DeepSpeed-engine checkpoint's common state")
+    return common
+
+
+def saved_args_for_resume(args, path: str) -> dict:
+    """The model arguments of checkpoint ``path`` once it is known to suit this run's engine.
+
+    Raises :class:`CheckpointError` when the engine, the ZeRO stage or the data-parallel size differ.
+    """
+    iteration = os.path.basename(os.path.normpath(path))
+    if not is_deepspeed_checkpoint(path):
+        raise CheckpointError(f"--load {args.load} ({iteration}) was written by the megatron engine; resume it "
+                              f"without --deepspeed/--zero-stage, or export it with tools/convert_to_hf.py")
+    common = read_common(path)
+    stage, dp = common["zero_stage"], common["layout"][2]
+    if not args.deepspeed:
+        raise CheckpointError(f"--load {args.load} ({iteration}) was written by DeepSpeed ZeRO-{stage}; resume it "
+                              f"with --zero-stage {stage} (or --deepspeed and a config of that stage)")
+    ours = deepspeed_config(args)["zero_optimization"]["stage"]
+    problems = []
+    if ours != stage:
+        problems.append(f"it was saved at ZeRO stage {stage}, this run uses stage {ours}")
+    if dp != args.data_parallel_size:
+        problems.append(f"it was saved at data-parallel size {dp}, this run has {args.data_parallel_size}")
+    if problems:
+        raise CheckpointError(f"--load {args.load} ({iteration}) cannot be resumed by this run: "
+                              + "; ".join(problems) + "; DeepSpeed checkpoints resume at the same stage and size")
+    return common["args"]
+
+
+def _safe_globals() -> list:
+    """The plain-data DeepSpeed classes its checkpoint files reference (beyond torch's own allowlist)."""
+    from .deepspeed import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location=None):
+    """``torch.load`` of a DeepSpeed checkpoint file that refuses anything but plain data."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location if map_location is not None else "cpu",
+                              weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"refusing to load {path}: it references objects that are not plain checkpoint "
+                              f"data ({err})") from None
+
+
+def use_safe_loading(engine) -> None:
+    """Make the ``deepspeed.DeepSpeedEngine`` ``engine`` read every checkpoint file with :func:`safe_load`
+    (all of its loads go through its checkpoint engine's ``load``)."""
+    engine.checkpoint_engine.load = safe_load
+
+
+def _plain_rng_state() -> dict:
+    """This rank's RNG states with numpy's as plain numbers (loadable with ``weights_only=True``)."""
+    state = _rng_state()
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    state["numpy"] = (name, keys.tolist(), pos, has_gauss, cached)
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    _set_rng_state({**state, "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)})
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def save(engine, state: TrainingState) -> str:
+    """Save ``state`` of the :class:`~.deepspeed.DeepSpeedEngine` ``engine`` under ``--save`` (all ranks call)."""
+    args = engine.args
+    rank = torch.distributed.get_rank()
+    path = checkpoint_dir(args.save, state.iteration)
+    if latest_iteration(args.save) == state.iteration and os.path.isdir(path):
+        return path  # already saved (e.g. a signal right after a periodic save)
+    if rank == 0:
+        os.makedirs(args.save, exist_ok=True)
+        if os.path.exists(path):  # left by a save that was killed: not marked, so not loadable anyway
+            shutil.rmtree(path)
+    torch.distributed.barrier()
+    rng_states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(rng_states, _plain_rng_state())
+    client_state = {"lr_scheduler": engine.scheduler.state_dict(), "rng_states": rng_states}
+    engine.engine.save_checkpoint(args.save, tag=os.path.basename(path), client_state=client_state,
+                                  save_latest=False)
+    if rank == 0:
+        sizes, _ = _layout()
+        merges = engine.merge_scheduler
+        _write_json(os.path.join(path, COMMON_FILE), {
+            "engine": ENGINE, "zero_stage": engine.zero_stage, "args": recorded_args(args),
+            "iteration": state.iteration, "consumed_samples": state.consumed_samples,
+            "merge_scheduler": merges.state_dict() if merges else None, "layout": list(sizes),
+        })
+    torch.distributed.barrier()  # every rank has written its part
+    if rank == 0:
+        _write_marker(args.save, state.iteration)
+    torch.distributed.barrier()
+    return path
+
+
+def load(engine) -> TrainingState:
+    """Restore the newest checkpoint under ``--load`` into ``engine`` (``TrainingState()`` when there is none).
+
+    Call :func:`megatron_poet.training.checkpointing.check_checkpoint_args` first.
+    """
+    args = engine.args
+    iteration = latest_iteration(args.load) if args.load else None
+    if iteration is None:
+        return TrainingState()
+    path = checkpoint_dir(args.load, iteration)
+    common = read_common(path)
+    _warn_if_vocab_padding_differs(args, common["args"])
+    loaded, client_state = engine.engine.load_checkpoint(args.load, tag=os.path.basename(path),
+                                                         load_lr_scheduler_states=False)
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint files in {path}")
+    engine.scheduler.load_state_dict(client_state["lr_scheduler"])
+    if engine.merge_scheduler is not None:
+        engine.merge_scheduler.load_state_dict(common["merge_scheduler"])
+    rng_states = client_state["rng_states"]
+    if len(rng_states) == torch.distributed.get_world_size():
+        _restore_rng(rng_states[torch.distributed.get_rank()])
+    return TrainingState(int(common["iteration"]), int(common["consumed_samples"]))

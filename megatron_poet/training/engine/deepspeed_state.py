@@ -1,0 +1,54 @@
+"""Where DeepSpeed ZeRO keeps the POET factors, so that a merge can reset them everywhere.
+
+The DeepSpeed engine gives the POET factors an optimizer parameter group of their own
+(``"poet": True``). DeepSpeed flattens every group and keeps, per rank:
+
+- ZeRO-1/2 (``DeepSpeedZeroOptimizer``) and bf16 ZeRO-1 (``BF16_Optimizer``): the model's
+  parameters in full, plus this rank's fp32 slice of each flattened group, which is the one
+  parameter of the corresponding group of the wrapped torch optimizer (its Adam state is
+  keyed by it);
+- ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): only a partition of every parameter
+  (``param.ds_tensor``, frozen ``A0`` included) and fp32 flat partitions per sub-group
+  (``fp32_partitioned_groups_flat``, ``sub_group_to_group_id`` names their group); the torch
+  optimizer's groups hold them only while it steps.
+
+A merge writes the model's copy (under ZeRO-3 inside :func:`gathered`, which makes DeepSpeed
+write the partitions back); :func:`reset_poet_optimizer_state` zeroes the fp32 copies and gives
+them fresh Adam state. A group of its own also gives the POET factors an Adam ``step`` of their
+own, which optimizers keeping one step per flat tensor or per group need.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from megatron_poet.megatron.optimizer_state import zero_main_and_adam_state
+
+POET_GROUP_KEY = "poet"  # the key poet.optim.poet_param_groups sets
+
+
+def poet_masters(ds_optimizer) -> list[torch.Tensor]:
+    """This rank's fp32 flat tensors holding the POET factors' main copies (see the module docstring)."""
+    inner = ds_optimizer.optimizer
+    groups = {i for i, group in enumerate(inner.param_groups) if group.get(POET_GROUP_KEY)}
+    if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        return [flat for sub, flat in enumerate(ds_optimizer.fp32_partitioned_groups_flat)
+                if ds_optimizer.sub_group_to_group_id[sub] in groups]
+    return [flat for i in sorted(groups) for flat in inner.param_groups[i]["params"]]
+
+
+@torch.no_grad()
+def reset_poet_optimizer_state(ds_optimizer) -> None:
+    """Zero the POET factors' fp32 copies and their Adam moments and step on this rank."""
+    for master in poet_masters(ds_optimizer):
+        zero_main_and_adam_state(ds_optimizer.optimizer, master)
+
+
+def gathered(params: list[nn.Parameter], modified: bool) -> contextlib.AbstractContextManager:
+    """Within the block, ZeRO-3-partitioned ``params`` hold their full values; if ``modified``, what
+    is written to them (identically on every rank) becomes their new partitions on exit."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modified else None)
