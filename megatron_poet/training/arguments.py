@@ -212,31 +212,28 @@ def poet_config(args: argparse.Namespace) -> POETConfig | None:
     if config.permutation_groups is None:
         from megatron_poet.megatron.sharding import layout_free_permutation_groups
 
-        sharded = [(d_out if parallel == "column" else d_in, 2 if name == "mlp.linear_fc1" and _swiglu(args) else 1)
-                   for name, d_in, d_out, parallel in linear_shapes(args)]
+        sharded = [(d_out if parallel == "column" else d_in, parts) for _, d_in, d_out, parallel, parts in
+                   linear_shapes(args)]
         groups = layout_free_permutation_groups(sharded, config, args.tensor_model_parallel_size)
         config = dataclasses.replace(config, permutation_groups=groups)
     return config
 
 
-def _swiglu(args: argparse.Namespace) -> bool:
-    """Whether FC1 is SwiGLU's ``[gate; up]`` (its width doubles)."""
-    return args.model_style == "llama"
-
-
-def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str]]:
-    """``(name, in_features, out_features, parallel)`` of each transformer linear, unsharded.
+def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str, int]]:
+    """``(name, in_features, out_features, parallel, parts)`` of each transformer linear, unsharded.
 
     ``parallel`` is "column" (QKV, FC1: the output dimension is split across
     tensor-parallel ranks) or "row" (attention projection, FC2: the input dimension is split).
+    ``parts`` is 2 for SwiGLU's ``[gate; up]`` FC1 (llama style: its width doubles; the halves are
+    sharded and permuted apart), else 1.
     """
     qkv_out = (args.num_attention_heads + 2 * args.num_query_groups) * args.kv_channels
-    fc1_out = args.ffn_hidden_size * (2 if _swiglu(args) else 1)
+    fc1_parts = 2 if args.model_style == "llama" else 1
     return [
-        ("self_attention.linear_qkv", args.hidden_size, qkv_out, "column"),
-        ("self_attention.linear_proj", args.num_attention_heads * args.kv_channels, args.hidden_size, "row"),
-        ("mlp.linear_fc1", args.hidden_size, fc1_out, "column"),
-        ("mlp.linear_fc2", args.ffn_hidden_size, args.hidden_size, "row"),
+        ("self_attention.linear_qkv", args.hidden_size, qkv_out, "column", 1),
+        ("self_attention.linear_proj", args.num_attention_heads * args.kv_channels, args.hidden_size, "row", 1),
+        ("mlp.linear_fc1", args.hidden_size, args.ffn_hidden_size * fc1_parts, "column", fc1_parts),
+        ("mlp.linear_fc2", args.ffn_hidden_size, args.hidden_size, "row", 1),
     ]
 
 

@@ -69,8 +69,8 @@ def flops_per_iteration(args: argparse.Namespace, vocab_size: int) -> float:
     micro_batches = args.global_batch_size // args.micro_batch_size  # over all DP ranks
     attn = args.num_attention_heads * args.kv_channels
     per_token = per_micro = 0.0
-    for name, d_in, d_out, parallel in linear_shapes(args):
-        tok, mb = _linear_flops(d_in, d_out, args, 2 if name == "mlp.linear_fc1" and args.swiglu else 1)
+    for _, d_in, d_out, _, parts in linear_shapes(args):
+        tok, mb = _linear_flops(d_in, d_out, args, parts)
         per_token, per_micro = per_token + tok, per_micro + mb
     per_token += 3 * 4.0 * s * attn
     total = args.num_layers * (per_token * tokens + per_micro * micro_batches)
