@@ -16,6 +16,8 @@ from typing import Iterator
 
 import torch
 
+from megatron_poet.safe_loading import UnsafeFileError
+
 from .arguments import ArgumentError, parse_args
 from .checkpointing import CheckpointError, check_checkpoint_args
 from .engine import build_engine
@@ -109,7 +111,12 @@ def _run(argv: list[str] | None) -> int:
             return 2
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
         engine = build_engine(args, [model])
-        state = engine.load_checkpoint()
+        try:
+            state = engine.load_checkpoint()
+        except (CheckpointError, UnsafeFileError) as e:  # every rank refuses an unsafe file alike
+            if torch.distributed.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
         iteration, consumed = state.iteration, state.consumed_samples
         logger = TrainingLogger(args, vocab, iteration)
         logger.print(

@@ -105,7 +105,6 @@ class DeepSpeedEngine(TrainingEngine):
                                       eps=args.adam_eps, weight_decay=args.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                     dist_init_required=False)
-        deepspeed_checkpoint.use_safe_loading(self.engine)
         self.scheduler = lr_scheduler(args, self.engine.optimizer)
         self.merge_scheduler = self._merge_scheduler(gathered if self.zero_stage == 3 else None)
 
