@@ -117,19 +117,18 @@ def test_a0_is_partitioned_only_by_zero3_and_never_optimized(stage, zero_run):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_merge_resets_every_copy_and_keeps_the_function(stage, zero_run):
-    """At both merges, on both ranks: each layer's dense P A0 R is unchanged, the merged A0 is the
-    un-sharded merge recomputed in float64 from the gathered factors, and the skew parameters are
-    zero in the model, the fp32 masters and the Adam moments, with Adam step 0.
+    """At both merges, on both ranks: each layer's dense P A0 R moves by at most the Cayley–Neumann
+    truncation bound of the spectrum-exact merge (docs/POET.md §1), the merged A0 is the un-sharded
+    merge (nearest orthogonal factors) recomputed in float64 from the gathered factors, and the skew
+    parameters are zero in the model, the fp32 masters and the Adam moments, with Adam step 0.
 
-    Tolerances: the function check is exact up to 1e-6 (the merge stores the fp32 product that the
-    factors computed, and identity blocks reproduce it); 1e-5 against float64 covers the fp32 rounding
-    of a product of three matrices with entries ~1.
+    Tolerance: 1e-5 against float64 covers the one fp32 rounding of the merged A0 (entries ~1).
     """
     _, reports, _, _, _ = zero_run(stage)
     for report in reports:
         assert [m["merges_done"] for m in report["merges"]] == [1, 2]
         for merge in report["merges"]:
-            assert merge["max_function_change"] <= 1e-6, merge
+            assert merge["max_function_change_over_bound"] <= 1.0, merge
             assert merge["max_error_vs_float64_merge"] <= 1e-5, merge
             assert merge["model_skew_max"] == merge["master_max"] == merge["adam_moment_max"] == 0.0, merge
             assert merge["adam_steps"] and set(merge["adam_steps"]) == {0.0}, merge

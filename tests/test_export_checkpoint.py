@@ -40,6 +40,8 @@ CASES = {  # name: (extra training flags, TP size); llama style: untied, no bias
     "poet_tp1": ([], 1),
     "no_poet_tp2": (["--no-poet"], 2),
     "gpt2_poet_tp2": (["--model-style", "gpt2", "--num-query-groups", "4"], 2),  # GPT-2 has no GQA
+    # fully stochastic: 2 permutation groups (rebuilt so at TP=1); also saved at iteration 2, to resume
+    "poet_fs_tp2": (["--poet-variant", "fs", "--save-interval", "2"], 2),
 }
 
 
@@ -75,13 +77,15 @@ def train_and_reference(data_flags: list[str], name: str, tmp_path) -> tuple[str
     ckpt = str(tmp_path / "ckpt")
     argv = data_flags + TINY + extra + ["--tensor-model-parallel-size", str(tp)]
     reference = str(tmp_path / "reference.pt")
-    torchrun(tp, [os.path.join(ROOT, "tests", "_export_reference.py"), reference, "--", *argv, "--save", ckpt])
+    out = torchrun(tp, [os.path.join(ROOT, "tests", "_export_reference.py"), reference, "--", *argv, "--save", ckpt])
     if "--no-poet" not in extra:  # the export must see a merged A0 and factors trained after it
         from megatron_poet.export.checkpoint import read_common_state
 
         merges = read_common_state(os.path.join(ckpt, "iter_0000003"))["merge_scheduler"]
         assert merges["merges_done"] == 1 and merges["steps_since_merge"] == 1, merges
-    return ckpt, torch.load(reference)
+    ref = torch.load(reference)
+    ref["training_log"] = out.stdout
+    return ckpt, ref
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +152,37 @@ def test_convert_checkpoint(data, trained, tmp_path, name):
     result = convert_checkpoint(ckpt, str(tmp_path / "hf"), tokenizer=data[1], progress=False)
     assert result.iteration == 3 and result.poet_layers == (0 if name.startswith("no_poet") else 8)
     assert result.spec.architecture == ("gpt2" if name.startswith("gpt2") else "llama")
+    assert_matches_reference(str(tmp_path / "hf"), ref)
+
+
+@needs_corpus
+def test_fully_stochastic_tp2_run_resumes_bitwise_and_exports(data, trained, tmp_path):
+    """--poet-variant fs at TP=2 through the training program: the A0 norm drift stays at rounding
+    level across the merge, a resume from iteration 2 (just after the merge) reproduces iteration
+    3 bitwise, a resume at TP=1 without the run's 2 permutation groups (= fs blocks) is refused
+    before any work, and the export (rebuilt at TP=1 with 2 groups) matches the TP=2 model."""
+    import re
+
+    from megatron_poet.export.from_checkpoint import convert_checkpoint
+    from megatron_poet.training.arguments import parse_args
+    from megatron_poet.training.checkpointing import CheckpointError, _write_marker, check_checkpoint_args
+
+    ckpt, ref = trained("poet_fs_tp2")
+    log = ref["training_log"]
+    drift = [float(d) for d in re.findall(r"A0 norm drift: (\S+)", log)]
+    assert len(drift) == 3 and max(drift) < 1e-5, drift  # fp32 A0: one rounding per merge
+    straight = dict(re.findall(r"iteration\s+(\d+)/\s*\d+ .*?\| lm loss: (\S+) ", log))
+    argv = data[0] + TINY + CASES["poet_fs_tp2"][0] + ["--tensor-model-parallel-size", "2", "--load", ckpt]
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    _write_marker(str(tmp_path / "ckpt"), 2)
+    argv[argv.index(ckpt)] = str(tmp_path / "ckpt")
+    resumed = torchrun(2, ["-m", "megatron_poet.training.pretrain", *argv])
+    assert dict(re.findall(r"iteration\s+(\d+)/\s*\d+ .*?\| lm loss: (\S+) ", resumed.stdout)) == {"3": straight["3"]}
+    args = parse_args(data[0] + TINY + ["--poet-variant", "fs", "--load", ckpt])
+    args.vocab_size_unpadded = 320
+    with pytest.raises(CheckpointError, match="--poet-permutation-groups: checkpoint 2, command line 1"):
+        check_checkpoint_args(args)
+    convert_checkpoint(ckpt, str(tmp_path / "hf"), tokenizer=data[1], progress=False)
     assert_matches_reference(str(tmp_path / "hf"), ref)
 
 

@@ -38,7 +38,7 @@ if _INTERPRET is not None:
 from megatron_poet import POETLinear  # noqa: E402
 from megatron_poet.kernels import ENV_VAR, current_mode, kernels_mode, rotation_supported  # noqa: E402
 from megatron_poet.poet.cayley import cayley_neumann, cayley_neumann_from_skew, skew_from_packed  # noqa: E402
-from megatron_poet.poet.rotation import rotate_input, rotate_output  # noqa: E402
+from megatron_poet.poet.rotation import input_rotation  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 # Triton 3.6's interpreter (torch 2.11's pin) hands program-id-derived scalars to Python as
@@ -114,8 +114,17 @@ def test_cayley_neumann_forward_and_packed_gradient(b, k):
     check_cayley_neumann(b, k, n=3 if b < 128 else 1, seed=b * 10 + k)
 
 
+def dense_rotation(side: str, x: torch.Tensor, perm: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """float64 reference with autograd: ``BD(G) Pi x`` (input side) or ``Pi^T BD(G) h`` (output side)."""
+    pi = torch.eye(perm.numel(), dtype=torch.float64)[perm]
+    matrix = torch.block_diag(*blocks) @ pi if side == "input" else pi.T @ torch.block_diag(*blocks)
+    return x @ matrix.T
+
+
 def rotation_case(side: str, dtype: torch.dtype, b: int, n: int, lead: tuple[int, ...], seed: int) -> None:
     """One side (``input``: BD(G) Pi x, ``output``: Pi^T BD(G) h), forward and both gradients."""
+    from megatron_poet.kernels.rotation_ops import rotate_input, rotate_output
+
     gen = torch.Generator().manual_seed(seed)
     d = n * b
     x = torch.randn(*lead, d, generator=gen).to(dtype)
@@ -124,10 +133,9 @@ def rotation_case(side: str, dtype: torch.dtype, b: int, n: int, lead: tuple[int
     grad_out = torch.randn(*lead, d, generator=gen).to(dtype)
     op = rotate_input if side == "input" else (lambda t, p, g: rotate_output(t, g, p))
 
-    # float64 reference on the same rounded inputs, through the core's PyTorch path.
+    # float64 dense reference on the same rounded inputs.
     rx, rb = x.double().requires_grad_(), blocks.double().requires_grad_()
-    with kernels_mode("off"):
-        ref = op(rx, perm, rb)
+    ref = dense_rotation(side, rx, perm, rb)
     ref_gx, ref_gb = torch.autograd.grad(ref, (rx, rb), grad_out.double())
 
     kx, kb = x.to(DEVICE).requires_grad_(), blocks.to(DEVICE).requires_grad_()
@@ -188,6 +196,33 @@ def test_poet_linear_with_kernels_matches_pytorch_path(mode, dtype):
         assert err < TOL[dtype], f"POETLinear {mode} {dtype} {name}: rel err {err:.2e}"
 
 
+@runs_kernels
+def test_output_side_keeping_its_output_with_kernels():
+    """``rotate_output(save_output=True)`` (what the column-parallel layers use): the block gradient
+    through the kept output, gathered in the kernel's loads, then ``G^-T``; against the PyTorch path."""
+    from megatron_poet.poet.config import POETConfig
+    from megatron_poet.poet.functional import rotate_output
+    from megatron_poet.poet.side import OrthogonalSide
+
+    gen = torch.Generator().manual_seed(11)
+    side = OrthogonalSide(64, POETConfig(block_size=32), generator=gen).to(DEVICE)
+    with torch.no_grad():
+        side.skew.copy_(random_packed(2, 32, gen))
+    h = torch.randn(19, 64, generator=gen)
+    grad_y = torch.randn(19, 64, generator=gen)
+    with kernels_mode("force"):
+        assert rotation_supported(h.to(DEVICE), side.blocks())  # the forced run really takes the kernels
+    results = []
+    for ctx in (kernels_mode("off"), kernels_mode("force")):
+        hk = h.to(DEVICE).requires_grad_()
+        with ctx, poisoned():
+            y = rotate_output(hk, side, save_output=True)
+            results.append((y, *torch.autograd.grad(y, (hk, side.skew), grad_y.to(DEVICE))))
+    for name, got, want in zip(("output", "grad h", "grad skew"), results[1], results[0]):
+        err = rel_err(got.cpu(), want.cpu())
+        assert err < TOL[torch.float32], f"{name}: rel err {err:.2e}"
+
+
 def test_unsupported_shapes_fall_back_to_pytorch():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 96, generator=gen).to(DEVICE)
@@ -199,10 +234,10 @@ def test_unsupported_shapes_fall_back_to_pytorch():
         assert rotation_supported(x, torch.zeros(3, 32, 32, device=DEVICE))
         perm = torch.randperm(96, generator=gen).to(DEVICE)
         blocks = random_orthogonal(1, 64, gen).float().to(DEVICE)
-        out = rotate_input(x.requires_grad_(), perm, blocks)
-        assert "RotateInput" not in type(out.grad_fn).__name__  # the PyTorch path, not the kernel's Function
+        out, x_perm = input_rotation(x, perm, blocks, 96)  # fully stochastic: one block, pass-through tail
+        assert x_perm is not None  # the PyTorch path (the kernels return no separate gathered copy)
         with kernels_mode("off"):
-            assert torch.equal(out, rotate_input(x, perm, blocks))
+            assert torch.equal(out, input_rotation(x, perm, blocks, 96)[0])
         packed = random_packed(2, 32, gen).requires_grad_()
         for k, p in ((None, packed), (3, packed.double())):  # exact Cayley, float64 parameters
             g = cayley_neumann(p, 32, k)

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_poet import POETLinear
-from megatron_poet.poet.cayley import cayley_neumann, skew_from_packed
-from megatron_poet.poet.functional import poet_linear
+from megatron_poet.poet.cayley import skew_from_packed
+from megatron_poet.poet.functional import poet_linear, rotate_output
 
 VARIANTS = [("bs", 4), ("fs", 6)]  # (variant, block size) for a 12 -> 8 layer
 
@@ -103,19 +103,27 @@ def test_gradients_fast_mem_and_dense_reference_agree(variant, block_size):
 @pytest.mark.parametrize("variant,block_size", VARIANTS)
 @pytest.mark.parametrize("recompute", [False, True])
 def test_gradcheck(variant, block_size, recompute):
+    """Gradients of x, both packed skews and the bias, through the lean autograd functions
+    (blocks rebuilt in backward, block gradients via the saved outputs and G^-T)."""
     layer = make_layer(variant, block_size)
     x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
-    r = layer.input_side.blocks().detach().requires_grad_()
-    p = layer.output_side.blocks().detach().requires_grad_()
+    skews = [p.detach().clone().requires_grad_() for p in layer.poet_parameters()]
     bias = layer.bias.detach().clone().requires_grad_()
 
-    def fn(x, r, p, bias):
-        return poet_linear(x, layer.frozen_weight, r, p, layer.input_side.perm, layer.output_side.perm,
-                           bias, recompute=recompute)
+    def fn(x, s_in, s_out, bias):
+        return poet_linear(x, layer.frozen_weight, layer.input_side, layer.output_side, bias,
+                           recompute=recompute, input_skew=s_in, output_skew=s_out)
 
-    assert torch.autograd.gradcheck(fn, (x, r, p, bias))
-    skew = layer.input_side.skew.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda s: fn(x, cayley_neumann(s, block_size, 3), p, bias), (skew,))
+    assert torch.autograd.gradcheck(fn, (x, *skews, bias))
+
+
+@pytest.mark.parametrize("variant,block_size", VARIANTS)
+def test_gradcheck_output_side_saving_its_output(variant, block_size):
+    layer = make_layer(variant, block_size)
+    h = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    skew = layer.output_side.skew.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda h, s: rotate_output(h, layer.output_side, save_output=True, skew=s), (h, skew))
 
 
 @pytest.mark.parametrize("variant,block_size", VARIANTS)
@@ -140,30 +148,6 @@ def test_cayley_neumann_spectrum_within_measured_bound(scale):
     # the spectrum moves by < 1e-6 relative, far inside what training tolerates.
     if scale == 0.01:
         assert (ratio - 1).abs().max() < 1e-6
-
-
-def test_merge_keeps_function_resets_factors_and_changes_permutations():
-    layer = make_layer("bs", 4, dtype=torch.float32, scale=0.1)
-    x = torch.randn(6, 12)
-    before = layer(x)
-    w_before = layer.effective_weight()
-    perms = (layer.input_side.perm.clone(), layer.output_side.perm.clone())
-    layer.merge_and_reset(torch.Generator().manual_seed(5))
-    assert torch.allclose(layer(x), before, atol=1e-5, rtol=1e-5)  # fp32 rounding of one extra product
-    assert torch.allclose(layer.effective_weight(), w_before, atol=1e-6, rtol=0)
-    assert all(torch.count_nonzero(p) == 0 for p in layer.poet_parameters())
-    assert not torch.equal(layer.input_side.perm, perms[0]) and not torch.equal(layer.output_side.perm, perms[1])
-    assert torch.equal(layer.output_side.inv_perm[layer.output_side.perm], torch.arange(8))
-
-
-def test_merge_in_bf16_is_computed_in_fp32():
-    layer = make_layer("bs", 4, dtype=torch.bfloat16, scale=0.1)
-    expected = layer.effective_weight()
-    assert expected.dtype == torch.float32
-    layer.merge_and_reset()
-    # The merged weight is rounded to bf16 once (relative 2^-8); an all-bf16 product would add
-    # the rounding of every intermediate on top.
-    assert torch.allclose(layer.effective_weight(), expected, rtol=2 ** -8, atol=1e-6)
 
 
 def test_state_dict_round_trip_restores_permutations():
@@ -214,3 +198,28 @@ def test_bad_inputs_raise_clear_errors():
     layer = POETLinear(64, 32, block_size=32)
     with pytest.raises(ValueError, match="input has 48 features, expected 64"):
         layer(torch.randn(2, 48))
+
+
+@pytest.mark.parametrize("mode", ["fast", "mem"])
+@pytest.mark.parametrize("variant,block_size", VARIANTS)
+def test_saved_for_backward_is_lean(mode, variant, block_size):
+    """What autograd keeps, besides the layer's own parameters and buffers: "mem" the input only,
+    "fast" the gathered input and the GEMM output; never the blocks or Cayley–Neumann intermediates."""
+    layer = make_layer(variant, block_size, mode, bias=False)
+    own = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == ([(5, 12)] if mode == "mem" else [(5, 8), (5, 12)]), shapes
+    if mode == "mem":
+        assert saved[0] is x
+    y.sum().backward()  # and the layer still trains
+    assert all(p.grad is not None for p in layer.poet_parameters())

@@ -52,13 +52,17 @@ def test_merge_scheduler_merges_on_interval_and_resets_adam_state():
             assert all(opt.state[p]["step"] == 3 for p in poet_params)
             x = torch.randint(0, 32, (2, 8))
             before = model(x)
+            orth_err = sched.max_orthogonality_error()
         if sched.step():
             merged_at.append(step)
             assert all(p not in opt.state for p in poet_params)
             assert all(torch.count_nonzero(p) == 0 for p in poet_params)
             assert opt.state[model.embed.weight]["step"] == step  # non-POET state untouched
             if step == 3:
-                assert torch.allclose(model(x), before, atol=1e-5)
+                # The merge folds the exact orthogonal factors nearest to the blocks: the function
+                # moves by the Cayley–Neumann truncation error (test_poet_merge.py bounds it), not more.
+                assert 0 < orth_err < 1e-2
+                assert torch.allclose(model(x), before, atol=4 * orth_err * before.abs().max().item())
         if step == 4:
             # A fresh Adam step: step count 1 and first moment (1 - beta1) * grad.
             for p in poet_params:

@@ -245,7 +245,9 @@ def _parse(argv: list[str], world_size: int = 1):
     (["--micro-batch-size", "4", "--global-batch-size", "12"], 2, "--global-batch-size 12 is not divisible"),
     (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2, "--num-layers 3"),
     (["--sequence-parallel"], 1, "--sequence-parallel needs"),
-    (["--poet-variant", "fs"], 1, "block-stochastic variant only"),
+    (["--poet-fp32-master-a0"], 1, "--poet-fp32-master-a0 keeps an fp32 copy of bf16 weights; it needs --bf16"),
+    (["--poet-variant", "fs", "--poet-block-size", "96", "--tensor-model-parallel-size", "2"], 2,
+     "fully stochastic block_size=96 exceeds the permutation group size 64"),
     (["--poet-neumann-terms", "0"], 1, "neumann_terms must be an integer >= 1"),
     (["--train-iters", "10", "--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 < --lr-decay-iters 10"),
 ])

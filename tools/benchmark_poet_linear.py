@@ -5,27 +5,34 @@ Default shapes are Llama-8B's (4096->4096, 4096->14336, 14336->4096; 2048 and 81
 tokens; b = 256; bf16) on a GPU. Without a GPU it runs reduced shapes (every size / 8:
 512->512, 512->1792, 1792->512; 256 and 1024 tokens; b = 32; float32, since CPU bf16
 matmuls are not representative) and omits the kernel rows (the Triton interpreter
-measures Python, not kernels).
+measures Python, not kernels). ``--shapes``/``--tokens``/``--block-size`` override.
 
 Each measurement is one ``y = layer(x); y.backward(dy)`` step, including the
-Cayley–Neumann construction of the blocks. Reported: median ms over ``--reps`` steps
-after ``--warmup`` (CUDA events on GPU, ``time.perf_counter`` on CPU), ratio to
-nn.Linear, achieved TFLOP/s and peak memory above the resident tensors (GPU only).
+Cayley–Neumann construction of the blocks. The methods take turns step by step
+(``--reps`` rounds after ``--warmup``), so a machine whose speed drifts slows all of them
+alike. Reported: median ms, ratio to nn.Linear, achieved TFLOP/s and peak memory above the
+resident tensors (GPU only). ``--compare-checkout DIR`` adds the POET rows of another
+checkout of this repository (e.g. the previous commit) to the same run.
 
 FLOPs counted are those each method really performs (N tokens, k Neumann order, n_s = d_s/b):
     nn.Linear:      6 N d_in d_out                      (forward, input grad, weight grad)
     POET fast:      4 N d_in d_out                      (forward, input grad; A0 has no grad)
                   + 6 N b (d_in + d_out)                (block rotations: forward, grad x, grad G)
-                  + (4k - 1) 2 b^3 (n_in + n_out)       (Cayley–Neumann: k forward products,
-                                                         k-1 recomputed + k chain + k pair products backward)
+                  + 4k 2 b^3 (n_in + n_out)             (Cayley–Neumann: k forward products; backward
+                                                         rebuilds them (k) and differentiates them (2k))
     POET mem:       POET fast + 2 N d_in d_out + 2 N b d_in   (recomputed GEMM and input rotation)
 
-Example: ``python tools/benchmark_poet_linear.py`` (GPU: Llama-8B shapes, CPU: reduced).
+Examples::
+
+    python tools/benchmark_poet_linear.py          # GPU: Llama-8B shapes, CPU: reduced
+    python tools/benchmark_poet_linear.py --cpu --threads 2 --shapes 1024x1024 --tokens 2048 --block-size 64
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 
@@ -42,62 +49,86 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def poet_flops(n_tokens: int, d_in: int, d_out: int, b: int, k: int, recompute: bool) -> float:
     """FLOPs of one POET forward+backward as counted in the module docstring."""
     flops = 4 * n_tokens * d_in * d_out + 6 * n_tokens * b * (d_in + d_out)
-    flops += (4 * k - 1) * 2 * b**3 * (d_in // b + d_out // b)
+    flops += 4 * k * 2 * b**3 * (d_in // b + d_out // b)
     if recompute:
         flops += 2 * n_tokens * d_in * d_out + 2 * n_tokens * b * d_in
     return float(flops)
 
 
-def time_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, warmup: int, reps: int) -> tuple[float, float]:
-    """(median ms, peak MiB above the memory held before the step; nan on CPU)."""
-    cuda = x.is_cuda
+def other_checkout_poet_linear(directory: str) -> type:
+    """``POETLinear`` of the checkout in ``directory``, imported beside this one."""
+    saved = {name: mod for name, mod in sys.modules.items() if name.split(".")[0] == "megatron_poet"}
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, directory)
+    try:
+        return importlib.import_module("megatron_poet").POETLinear
+    finally:
+        sys.path.remove(directory)
+        for name in [n for n in sys.modules if n.split(".")[0] == "megatron_poet"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
 
-    def step():
-        layer(x).backward(dy)
-        x.grad = None
-        for p in layer.parameters():
+
+class Timer:
+    """Median ms (and peak MiB above the resident memory on GPU) of ``layer(x).backward(dy)``."""
+
+    def __init__(self, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, kmode: str | None):
+        self.layer, self.x, self.dy, self.kmode = layer, x, dy, kmode
+        self.times: list[float] = []
+        self.peak = float("nan")
+
+    def step(self, record: bool) -> None:
+        with kernels_mode(self.kmode) if self.kmode else nullcontext():
+            if self.x.is_cuda:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self._run()
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+                self.peak = max(0.0 if self.peak != self.peak else self.peak,
+                                (torch.cuda.max_memory_allocated() - base) / 2**20)
+            else:
+                t0 = time.perf_counter()
+                self._run()
+                ms = (time.perf_counter() - t0) * 1e3
+        if record:
+            self.times.append(ms)
+
+    def _run(self) -> None:
+        self.layer(self.x).backward(self.dy)
+        self.x.grad = None
+        for p in self.layer.parameters():
             p.grad = None
-
-    for _ in range(warmup):
-        step()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        peak = float("nan")
-    return statistics.median(times), peak
 
 
 def run(args) -> None:
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scale = 1 if cuda else 8
-    shapes = [(i // scale, o // scale) for i, o in LLAMA_SHAPES]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else [
+        (i // scale, o // scale) for i, o in LLAMA_SHAPES]
     tokens = args.tokens or ([2048, 8192] if cuda else [256, 1024])
     b = args.block_size or (256 if cuda else 32)
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    variants = [("nn.Linear", None, None)]
+    classes = [("", POETLinear)]
+    if args.compare_checkout:
+        classes.append((f" [{args.compare_checkout}]", other_checkout_poet_linear(args.compare_checkout)))
+    variants = [("nn.Linear", None, None, None)]
     for mode in ("fast", "mem"):
-        if cuda:
-            variants.append((f"POET {mode}, kernels", mode, "auto"))
-        variants.append((f"POET {mode}, PyTorch", mode, "off"))
-    hw = torch.cuda.get_device_name() if cuda else "CPU"
+        for suffix, cls in classes:
+            if cuda:
+                variants.append((f"POET {mode}, kernels{suffix}", mode, "auto", cls))
+            variants.append((f"POET {mode}, PyTorch{suffix}", mode, "off", cls))
+    hw = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {hw}, torch {torch.__version__}, dtype {dtype}, b={b}, k={args.neumann_terms}, "
-          f"median of {args.reps} after {args.warmup} warmup")
+          f"median of {args.reps} interleaved rounds after {args.warmup} warmup")
     print("| d_in -> d_out | tokens | method | ms | x nn.Linear | TFLOP/s | peak MiB |")
     print("|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
@@ -105,36 +136,42 @@ def run(args) -> None:
         for n_tokens in tokens:
             x = torch.randn(n_tokens, d_in, generator=gen).to(device, dtype).requires_grad_()
             dy = torch.randn(n_tokens, d_out, generator=gen).to(device, dtype)
-            base_ms = None
-            for name, mode, kmode in variants:
+            timers, flops = [], []
+            for name, mode, kmode, cls in variants:
                 if mode is None:
                     layer = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
-                    flops = 6.0 * n_tokens * d_in * d_out
+                    flops.append(6.0 * n_tokens * d_in * d_out)
                 else:
-                    layer = POETLinear(d_in, d_out, bias=False, block_size=b, neumann_terms=args.neumann_terms,
-                                       mode=mode, device=device, dtype=dtype, generator=gen)
-                    flops = poet_flops(n_tokens, d_in, d_out, b, args.neumann_terms, mode == "mem")
-                with kernels_mode(kmode) if kmode else nullcontext():
-                    if kmode == "auto" and not rotation_supported(x, layer.input_side.blocks(dtype)):
-                        raise RuntimeError(f"{name}: the kernels do not take this shape/dtype (or Triton is "
-                                           f"missing); the row would time the PyTorch path")
-                    ms, peak = time_step(layer, x, dy, args.warmup, args.reps)
-                base_ms = base_ms or ms
-                peak_txt = "n/a" if peak != peak else f"{peak:.0f}"  # nan on CPU
+                    layer = cls(d_in, d_out, bias=False, block_size=b, neumann_terms=args.neumann_terms,
+                                mode=mode, device=device, dtype=dtype, generator=gen)
+                    flops.append(poet_flops(n_tokens, d_in, d_out, b, args.neumann_terms, mode == "mem"))
+                if kmode == "auto" and not rotation_supported(x, layer.input_side.blocks(dtype)):
+                    raise RuntimeError(f"{name}: the kernels do not take this shape/dtype (or Triton is "
+                                       f"missing); the row would time the PyTorch path")
+                timers.append(Timer(layer, x, dy, kmode))
+            for round_ in range(args.warmup + args.reps):
+                for timer in timers:
+                    timer.step(record=round_ >= args.warmup)
+            base_ms = statistics.median(timers[0].times)
+            for (name, *_), timer, f in zip(variants, timers, flops):
+                ms = statistics.median(timer.times)
+                peak = "n/a" if timer.peak != timer.peak else f"{timer.peak:.0f}"  # nan on CPU
                 print(f"| {d_in} -> {d_out} | {n_tokens} | {name} | {ms:.3f} | {ms / base_ms:.2f} | "
-                      f"{flops / ms / 1e9:.3g} | {peak_txt} |", flush=True)
-                del layer
+                      f"{f / ms / 1e9:.3g} | {peak} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="*", help="d_inxd_out pairs, e.g. 1024x1024 (default: Llama-8B, /8 on CPU)")
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default: 2048 8192 GPU, 256 1024 CPU)")
     parser.add_argument("--block-size", type=int, help="POET block size (default: 256 GPU, 32 CPU)")
     parser.add_argument("--neumann-terms", type=int, default=3)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 GPU, fp32 CPU")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--cpu", action="store_true", help="run the reduced CPU benchmark even if a GPU exists")
+    parser.add_argument("--compare-checkout", help="also time POETLinear of this checkout directory")
     run(parser.parse_args())
 
 

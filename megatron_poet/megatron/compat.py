@@ -20,6 +20,7 @@ import inspect
 
 import torch
 from megatron.core import package_info, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer import mlp as _mlp
@@ -52,9 +53,14 @@ def mark_tensor_parallel(param: torch.nn.Parameter, dim: int, stride: int = 1) -
     set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=stride)
 
 
+def data_parallel_group():
+    """The data-parallel (with context-parallel) group, over which the distributed optimizer shards."""
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
 def _dp_cp_group(metadata: dict | None):
     group = (metadata or {}).get("dp_cp_group")
-    return group if group is not None else parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if group is not None else data_parallel_group()
 
 
 def make_sharded_tensors_for_checkpoint(
@@ -63,6 +69,17 @@ def make_sharded_tensors_for_checkpoint(
     """ShardedTensors for ``state_dict``: keys in ``axis_map`` split over TP along that axis, others replicated."""
     return _make_sharded(
         state_dict, prefix, axis_map, sharded_offsets, tp_group=tp_group, dp_cp_group=_dp_cp_group(metadata)
+    )
+
+
+def tp_and_dp_sharded_tensor(key: str, data: torch.Tensor, axis: int, tp_rank: int, tp_size: int, dp_rank: int,
+                             dp_size: int, sharded_offsets) -> ShardedTensor:
+    """A ShardedTensor of a global tensor split along ``axis`` into ``tp_size x dp_size`` pieces,
+    TP-major (this rank holds piece ``tp_rank * dp_size + dp_rank``); no replicas."""
+    prepend = len(sharded_offsets)
+    return ShardedTensor.from_rank_offsets(
+        key, data, *sharded_offsets, (axis + prepend, tp_rank * dp_size + dp_rank, tp_size * dp_size),
+        replica_id=0, prepend_axis_num=prepend,
     )
 
 

@@ -15,23 +15,29 @@ Design (POET_SPEC.md §6). With ``A = P A0 R``:
 
 Replicated factors are drawn from the same seed on every TP rank and receive
 identical gradients, so they stay bitwise identical; merges need no
-communication (each rank folds ``P A0 R`` for its own rows/columns).
+communication (each rank folds ``P A0 R`` for its own rows/columns), except that a
+data-parallel-sharded fp32 master of ``A0`` is gathered over DP for the fold.
+
+Saved for backward (:mod:`megatron_poet.poet.functional`): "fast" keeps ``R``'s input
+and, column-parallel without bias, ``P``'s output (which attention and SwiGLU keep
+anyway), else ``P``'s input; "mem" keeps only the layer input (plus, row-parallel at
+TP > 1, ``P``'s input: recomputing it would repeat the all-reduce). The column-parallel
+"mem" backward repeats the sequence-parallel all-gather, as Megatron's own linears do.
 
 Activations are ``(s, b, h)`` as everywhere in Megatron (any leading dims work).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..poet.config import POETConfig
-from ..poet.init import init_frozen_weight
+from ..poet.functional import frozen_linear, recomputed_poet_linear, rotate_input, rotate_output
+from ..poet.init import fill_frozen_weight
 from ..poet.linear import POETModule
-from ..poet.rotation import rotate_input, rotate_output
 from ..poet.side import OrthogonalSide
 from . import compat
+from .layer_checkpoint import MasterShard, from_canonical_state, sharded_poet_state_dict, to_canonical_state
 from .sharding import ShardedDimension, draw_permutation, mix_seed
 
 # A throwaway generator for the placeholder permutations drawn by OrthogonalSide at
@@ -57,11 +63,23 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _maybe_recompute(fn, recompute: bool, *args):
-    """``fn(*args)``; in "mem" mode keep only the inputs and recompute the rest in backward."""
-    if recompute:
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
-    return fn(*args)
+class _ReplicatedInputComm:
+    """What sits between a column-parallel layer's replicated ``R`` and its local GEMM, for
+    :func:`recomputed_poet_linear`: an all-gather of the sequence (its gradient: a reduce-scatter)
+    with sequence parallelism, else the identity (its gradient: an all-reduce)."""
+
+    def __init__(self, group, sequence_parallel: bool):
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return compat.gather_from_sequence_parallel_region(z, group=self.group)
+        return z
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return compat.reduce_scatter_to_sequence_parallel_region(grad, group=self.group)
+        return compat.reduce_from_tensor_model_parallel_region(grad.contiguous(), group=self.group)
 
 
 class _POETParallelLinear(POETModule):
@@ -77,11 +95,6 @@ class _POETParallelLinear(POETModule):
         self.name = name or tp_comm_buffer_name or type(self).__name__
         if not isinstance(poet, POETConfig):
             raise TypeError(f"POET layer {self.name!r}: poet must be a POETConfig, got {type(poet).__name__}")
-        if poet.variant != "bs":
-            raise ValueError(
-                f"POET layer {self.name!r}: the tensor-parallel layers implement the block-stochastic variant "
-                f"only, got variant={poet.variant!r}"
-            )
         if is_expert:
             raise ValueError(f"POET layer {self.name!r}: MoE expert linears are not supported")
         if getattr(config, "delay_wgrad_compute", False):
@@ -101,6 +114,7 @@ class _POETParallelLinear(POETModule):
         )
         poet.num_blocks(replicated_size, "input_size" if self.column else "output_size", self.name)
         self.stride = stride
+        self.norm_axis = self.sharded_axis = 0 if self.column else 1
 
         device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
         dtype = config.params_dtype
@@ -108,11 +122,15 @@ class _POETParallelLinear(POETModule):
         kw = dict(layer=self.name, dtype=dtype, device=device, generator=placeholder)
         local_in = input_size if self.column else self.sharded.local_size
         local_out = self.sharded.local_size if self.column else output_size
-        self.input_side = OrthogonalSide(local_in, poet, what="input_size", **kw)
-        self.output_side = OrthogonalSide(local_out, poet, what="output_size", **kw)
+        segments = (None, self.sharded.segment) if self.column else (self.sharded.segment, None)
+        self.input_side = OrthogonalSide(local_in, poet, what="input_size", segment=segments[0], **kw)
+        self.output_side = OrthogonalSide(local_out, poet, what="output_size", segment=segments[1], **kw)
         # A frozen parameter, not a buffer: DeepSpeed ZeRO-3 partitions parameters only (see POETModule).
         self.frozen_weight = nn.Parameter(torch.zeros(local_out, local_in, dtype=dtype, device=device),
                                           requires_grad=False)
+        self.register_buffer("frozen_init_sq_norms", torch.ones(self.sharded.local_size, device=device))
+        self.master = MasterShard(self, poet) if poet.fp32_master_a0 else None
+        self.register_buffer("frozen_master", self.master.empty(device) if self.master else None, persistent=False)
         self.bias = nn.Parameter(torch.zeros(local_out, dtype=dtype, device=device)) if bias else None
 
         sharded_side, replicated_side = self._sides()
@@ -126,8 +144,8 @@ class _POETParallelLinear(POETModule):
             else:
                 self.bias.sequence_parallel = self.sequence_parallel
         self.initialized = False
-        self.register_state_dict_post_hook(_to_canonical_state)
-        self.register_load_state_dict_pre_hook(_from_canonical_state)
+        self.register_state_dict_post_hook(to_canonical_state)
+        self.register_load_state_dict_pre_hook(from_canonical_state)
 
     # ----------------------------------------------------------------- layout helpers
     def _sides(self) -> tuple[OrthogonalSide, OrthogonalSide]:
@@ -137,38 +155,36 @@ class _POETParallelLinear(POETModule):
     def _sharded_side_name(self) -> str:
         return "output_side" if self.column else "input_side"
 
-    def _local_slice(self, dense: torch.Tensor) -> torch.Tensor:
-        """This rank's rows (column-parallel) or columns (row-parallel) of a global ``(d_out, d_in)``."""
-        index = self.sharded.local_to_global.to(dense.device)
-        return dense.index_select(0 if self.column else 1, index)
+    def global_indices(self, local: torch.Tensor, axis: int) -> torch.Tensor:
+        """Global (Megatron layout) indices of local indices along ``axis`` (0: rows, 1: columns)."""
+        return self.sharded.local_to_global[local.cpu()] if axis == self.sharded_axis else local.cpu()
 
     # ----------------------------------------------------------------- initialization and merge
     @torch.no_grad()
     def initialize(self, seed: int) -> None:
-        """Draw ``A0`` (the global matrix, then this rank's slice) and the permutations from ``seed``.
+        """Draw ``A0`` (this rank's part of the global matrix) and the permutations from ``seed``.
 
-        Every TP layout gets the same global layer for the same seed.
+        Every TP layout gets the same global layer for the same seed; no full copy of ``A0`` is made.
         """
-        dense = init_frozen_weight(self.output_size, self.input_size, self.poet.init,
-                                   torch.Generator().manual_seed(mix_seed(seed, "A0")))
-        self._reset(seed, self._local_slice(dense))
-        if self.bias is not None:
-            self.bias.zero_()
-
-    @torch.no_grad()
-    def _reset(self, seed: int, local_dense: torch.Tensor) -> None:
-        """Identity factors, permutations from ``seed``, frozen weight = ``local_dense`` pre-permuted."""
         sharded_side, replicated_side = self._sides()
         for side in (sharded_side, replicated_side):
             side.skew.zero_()
         sharded_side.set_permutation(self.sharded.draw_local_permutation(mix_seed(seed, "sharded")))
         replicated_side.set_permutation(draw_permutation(replicated_side.dim, mix_seed(seed, "replicated")))
-        self._store_frozen(local_dense)
+        a0_seed = mix_seed(seed, "A0")
+        shape = (self.output_size, self.input_size, self.poet.init, a0_seed)
+        fill_frozen_weight(self.frozen_weight, *shape, self.global_indices(self.output_side.perm, 0),
+                           self.global_indices(self.input_side.perm, 1))
+        if self.master:
+            fill_frozen_weight(self.frozen_master, *shape, *self.master.global_rows_and_cols())
+        self._record_initial_norms()
+        if self.bias is not None:
+            self.bias.zero_()
         self.initialized = True
 
     @torch.no_grad()
     def merge_and_reset(self, generator: torch.Generator | None = None) -> None:
-        """Fold this rank's ``P A0 R`` into ``A0`` (no communication) and redraw the permutations.
+        """Fold this rank's ``P A0 R`` into ``A0`` (spectrum-exact) and redraw the permutations.
 
         ``generator`` must be shared by all ranks (MergeScheduler's is): one number
         is drawn from it per layer, so the new permutations depend only on the
@@ -179,7 +195,15 @@ class _POETParallelLinear(POETModule):
                 f"POET layer {self.name!r}: merging a tensor-parallel layer needs a generator shared by all ranks"
             )
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        self._reset(seed, self.effective_weight())
+        sharded = self.sharded.draw_local_permutation(mix_seed(seed, "sharded"))
+        replicated = draw_permutation(self._sides()[1].dim, mix_seed(seed, "replicated"))
+        self._merge(*((replicated, sharded) if self.column else (sharded, replicated)))
+
+    def _canonical_master(self) -> torch.Tensor:
+        return self.master.gather(self.frozen_master)
+
+    def _set_master(self, canonical: torch.Tensor) -> None:
+        self.frozen_master.copy_(self.master.own_part(canonical))
 
     @torch.no_grad()
     def gathered_effective_weight(self) -> torch.Tensor:
@@ -222,61 +246,17 @@ class _POETParallelLinear(POETModule):
 
     # ----------------------------------------------------------------- checkpoints
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Layout-independent shards: the un-permuted ``A0`` slice (``base_weight``), canonical
-        permutations, skew blocks and bias, split along the TP axis (gate/up halves separately for
-        SwiGLU's ``linear_fc1``), so a checkpoint reshards to any TP size dividing ``permutation_groups``.
-        """
-        state = self.state_dict(prefix="", keep_vars=True)
-        side = self._sharded_side_name()
-        axis_map = {"base_weight": 0 if self.column else 1, f"{side}.perm": 0, f"{side}.skew": 0}
-        if self.column and self.bias is not None:
-            axis_map["bias"] = 0
-        sharded = compat.make_sharded_tensors_for_checkpoint(
-            state, prefix, axis_map, sharded_offsets, self.tp_group, metadata)
-        if self.stride == 2:
-            # MLP splits "weight"/"bias" of a gated linear_fc1 itself; the other sharded keys are ours.
-            for key in ("base_weight", f"{side}.perm", f"{side}.skew"):
-                sharded[prefix + key] = compat.apply_swiglu_sharded_factory(
-                    sharded[prefix + key], sharded_offsets, self.tp_group, metadata)
-        return sharded
+        """Layout-independent shards (see :func:`.layer_checkpoint.sharded_poet_state_dict`)."""
+        return sharded_poet_state_dict(self, prefix, sharded_offsets, metadata)
 
     def extra_repr(self) -> str:
         p = self.poet
         return (
             f"input_size={self.input_size}, output_size={self.output_size}, tp={self.tp_size}, "
-            f"block_size={p.block_size}, neumann_terms={p.neumann_terms}, mode={p.mode}, "
+            f"block_size={p.block_size}, neumann_terms={p.neumann_terms}, mode={p.mode}, variant={p.variant}, "
             f"permutation_groups={self.sharded.groups}, stride={self.stride}"
+            + (f", fp32_master_a0 (1/{self.master.size} per DP rank)" if self.master else "")
         )
-
-
-def _to_canonical_state(module: _POETParallelLinear, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State-dict post hook: store ``A0`` un-permuted and the sharded permutation in global indices.
-
-    Under DeepSpeed ZeRO-3 this rank holds only a partition of ``A0`` (the state dict
-    carries DeepSpeed's empty placeholder): the state is left as it is, DeepSpeed saves
-    the partitions itself.
-    """
-    if hasattr(module.frozen_weight, "ds_id"):
-        return
-    frozen = state_dict.pop(prefix + "frozen_weight")
-    out_inv, in_inv = module.output_side.inv_perm, module.input_side.inv_perm
-    state_dict[prefix + "base_weight"] = frozen.detach().index_select(0, out_inv).index_select(1, in_inv)
-    key = f"{prefix}{module._sharded_side_name()}.perm"
-    state_dict[key] = module.sharded.to_canonical(state_dict[key])
-
-
-def _from_canonical_state(module: _POETParallelLinear, state_dict: dict, prefix: str, *args) -> None:
-    """Load pre hook: the inverse of :func:`_to_canonical_state` (before the sides load their perms)."""
-    key = f"{prefix}{module._sharded_side_name()}.perm"
-    if prefix + "base_weight" not in state_dict or key not in state_dict:
-        return  # strict loading reports the missing keys
-    state_dict[key] = module.sharded.from_canonical(state_dict[key], module.name)
-    out_perm = state_dict[prefix + "output_side.perm"].to(torch.long)
-    in_perm = state_dict[prefix + "input_side.perm"].to(torch.long)
-    base = state_dict.pop(prefix + "base_weight")
-    state_dict[prefix + "frozen_weight"] = base.index_select(0, out_perm.to(base.device)).index_select(
-        1, in_perm.to(base.device))
-    module.initialized = True
 
 
 class POETColumnParallelLinear(_POETParallelLinear):
@@ -309,21 +289,21 @@ class POETColumnParallelLinear(_POETParallelLinear):
             raise ValueError(f"POET layer {self.name!r}: gather_output is incompatible with sequence parallelism")
         self.gather_output = gather_output
 
-    def _local_gemm_and_p(self, z, frozen, p_blocks, perm):
-        return rotate_output(F.linear(z, frozen), p_blocks, perm)
-
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output: bool | None = None):
         if weight is not None:
             raise ValueError(f"POET layer {self.name!r}: an external weight cannot be used with POET")
         self._check_ready(input_, self.input_size)
-        recompute = self._recompute()
-        x = _maybe_recompute(rotate_input, recompute, input_, self.input_side.perm, self.input_side.blocks(input_.dtype))
-        if self.sequence_parallel:
-            x = compat.gather_from_sequence_parallel_region(x, group=self.tp_group)
-        elif self.tp_size > 1:
-            x = _ContiguousGrad.apply(compat.copy_to_tensor_model_parallel_region(x, group=self.tp_group))
-        y = _maybe_recompute(self._local_gemm_and_p, recompute, x, self.frozen_weight,
-                             self.output_side.blocks(x.dtype), self.output_side.perm)
+        if self._recompute():
+            comm = _ReplicatedInputComm(self.tp_group, self.sequence_parallel) if self.tp_size > 1 else None
+            y = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, comm=comm)
+        else:
+            z = rotate_input(input_, self.input_side)
+            if self.sequence_parallel:
+                z = compat.gather_from_sequence_parallel_region(z, group=self.tp_group)
+            elif self.tp_size > 1:
+                z = _ContiguousGrad.apply(compat.copy_to_tensor_model_parallel_region(z, group=self.tp_group))
+            # Without a bias the consumer (attention, SwiGLU) keeps y anyway: saving it costs nothing.
+            y = rotate_output(frozen_linear(z, self.frozen_weight), self.output_side, save_output=self.bias is None)
         y, bias = self._bias_output(y)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather and self.tp_size > 1:
@@ -360,20 +340,19 @@ class POETRowParallelLinear(_POETParallelLinear):
             raise ValueError(f"POET layer {self.name!r}: sequence parallelism needs input_is_parallel=True")
         self.input_is_parallel = input_is_parallel
 
-    def _r_and_local_gemm(self, x, perm, r_blocks, frozen):
-        return F.linear(rotate_input(x, perm, r_blocks), frozen)
-
     def forward(self, input_: torch.Tensor):
         if not self.input_is_parallel and self.tp_size > 1:
             input_ = compat.scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
         self._check_ready(input_, self.sharded.local_size)
-        recompute = self._recompute()
-        h = _maybe_recompute(self._r_and_local_gemm, recompute, input_, self.input_side.perm,
-                             self.input_side.blocks(input_.dtype), self.frozen_weight)
+        if self._recompute() and self.tp_size == 1:  # nothing to reduce: recompute the whole layer
+            return self._bias_output(
+                recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side))
+        if self._recompute():
+            h = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, None)
+        else:
+            h = frozen_linear(rotate_input(input_, self.input_side), self.frozen_weight)
         if self.sequence_parallel:
             h = compat.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
         elif self.tp_size > 1:
             h = compat.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-        y = _maybe_recompute(rotate_output, recompute, h, self.output_side.blocks(h.dtype), self.output_side.perm)
-        return self._bias_output(y)
-
+        return self._bias_output(rotate_output(h, self.output_side))

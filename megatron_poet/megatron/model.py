@@ -83,8 +83,6 @@ def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vo
             poet.num_blocks(config.hidden_size, "hidden_size", "linear_qkv/proj/fc1/fc2")
         except ValueError as err:
             errors.append(str(err))
-        if poet.variant != "bs":
-            errors.append(f"the tensor-parallel POET layers implement variant 'bs' only, got {poet.variant!r}")
     if errors:
         raise ValueError("invalid model layout:\n  " + "\n  ".join(errors))
 

@@ -11,8 +11,11 @@ of part ``s`` is drawn from a generator seeded by ``(layer seed, s, g)``. The
 group count is a POET setting, independent of the TP size, so any TP size
 dividing it gives every rank whole groups and the concatenation of the ranks'
 permutations is the same global permutation: TP=1 and TP=2 train the same
-function step for step. Blocks never straddle groups (``block_size`` divides
-the group size), so ``P`` (or ``R``) is block-diagonal over ranks and stays local.
+function step for step. Blocks never straddle groups, so ``P`` (or ``R``) is
+block-diagonal over ranks and stays local: block-stochastic ("bs") blocks tile each
+group (``block_size`` divides the group size); the fully stochastic variant ("fs")
+rotates one random ``block_size``-subset per group (the first ``block_size`` entries of
+the group's permutation), so its sharded side has one block per group.
 
 In checkpoints a permutation is stored in *canonical* form: the global index
 (in the ``[part0; part1; ...]`` layout) each permuted position reads. That form
@@ -21,17 +24,12 @@ permutation does not cross.
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from ..poet.config import POETConfig
+from ..poet.init import mix_seed
 
-
-def mix_seed(*parts) -> int:
-    """A 63-bit seed from any printable values (stable across processes and runs)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+__all__ = ["ShardedDimension", "draw_permutation", "mix_seed"]
 
 
 def draw_permutation(n: int, seed: int) -> torch.Tensor:
@@ -73,7 +71,13 @@ class ShardedDimension:
         if self.part_size % groups:
             raise ValueError(f"{where}: permutation_groups={groups} does not divide the part size {self.part_size}")
         self.group_size = self.part_size // groups
-        if self.group_size % config.block_size:
+        if config.variant == "fs" and self.group_size < config.block_size:
+            raise ValueError(
+                f"{where}: the fully stochastic block_size={config.block_size} exceeds the permutation group "
+                f"size {self.group_size} (= {self.part_size} / permutation_groups={groups}); use a smaller "
+                f"block size or fewer permutation groups"
+            )
+        if config.variant == "bs" and self.group_size % config.block_size:
             raise ValueError(
                 f"{where}: block_size={config.block_size} does not divide the permutation group size "
                 f"{self.group_size} (= {self.part_size} / permutation_groups={groups}); per-rank shard is "
@@ -82,6 +86,8 @@ class ShardedDimension:
         self.parts, self.tp_size, self.tp_rank, self.groups = parts, tp_size, tp_rank, groups
         self.chunk = self.part_size // tp_size  # per-rank size of one part
         self.local_size = parts * self.chunk
+        # Where this side's blocks sit: every block_size for "bs", one block per group for "fs".
+        self.segment = config.block_size if config.variant == "bs" else self.group_size
         part = torch.arange(self.local_size) // self.chunk
         # local_to_global[i]: global index (in the [part0; part1; ...] layout) of local index i.
         self.local_to_global = part * self.part_size + tp_rank * self.chunk + torch.arange(self.local_size) % self.chunk

@@ -20,6 +20,7 @@ import torch
 from megatron_poet import kernels as _kernels  # imports no Triton until a kernel runs
 
 _TRIU_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_FLAT_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def num_skew_params(block_size: int) -> int:
@@ -33,6 +34,33 @@ def _triu_indices(block_size: int, device: torch.device) -> tuple[torch.Tensor, 
         rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=device)
         _TRIU_CACHE[key] = (rows, cols)
     return _TRIU_CACHE[key]
+
+
+def _flat_indices(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions in a ``b x b`` block of the packed entries (upper) and of their mirrors (lower)."""
+    key = (block_size, device)
+    if key not in _FLAT_CACHE:
+        rows, cols = _triu_indices(block_size, device)
+        _FLAT_CACHE[key] = (rows * block_size + cols, cols * block_size + rows)
+    return _FLAT_CACHE[key]
+
+
+class _SkewFromPacked(torch.autograd.Function):
+    """``Q[i, j] = p``, ``Q[j, i] = -p`` for each packed ``p`` at ``(i < j)``; two scatters forward, two gathers back."""
+
+    @staticmethod
+    def forward(ctx, packed, block_size):
+        upper, lower = _flat_indices(block_size, packed.device)
+        ctx.block_size = block_size
+        q = packed.new_zeros(packed.shape[0], block_size * block_size)
+        q.index_copy_(1, upper, packed).index_copy_(1, lower, -packed)
+        return q.view(-1, block_size, block_size)
+
+    @staticmethod
+    def backward(ctx, grad_q):
+        upper, lower = _flat_indices(ctx.block_size, grad_q.device)
+        g = grad_q.reshape(grad_q.shape[0], -1)
+        return g.index_select(1, upper) - g.index_select(1, lower), None
 
 
 def skew_from_packed(packed: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -49,10 +77,7 @@ def skew_from_packed(packed: torch.Tensor, block_size: int) -> torch.Tensor:
             f"packed skew parameters must have shape (num_blocks, {num_skew_params(block_size)}) "
             f"for block_size={block_size}, got {tuple(packed.shape)}"
         )
-    rows, cols = _triu_indices(block_size, packed.device)
-    upper = packed.new_zeros(packed.shape[0], block_size, block_size)
-    upper[:, rows, cols] = packed
-    return upper - upper.transpose(1, 2)
+    return _SkewFromPacked.apply(packed, block_size)
 
 
 def packed_from_skew(q: torch.Tensor) -> torch.Tensor:

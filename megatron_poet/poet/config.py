@@ -24,7 +24,12 @@ class POETConfig:
         permutation_groups: tensor-parallel layers only (``megatron_poet.megatron``):
             the sharded side's permutation stays inside this many contiguous groups
             of the dimension, independently of the TP size, so runs at any TP size
-            dividing it are identical. ``None`` = the run's TP size.
+            dividing it are identical. ``None`` = the run's TP size. With variant "fs"
+            the sharded side rotates one ``block_size``-subset per group.
+        fp32_master_a0: keep a float32 master copy of ``A0`` that merges fold (round to the
+            layer's dtype once per merge instead of accumulating half-precision roundings).
+        shard_fp32_master: tensor-parallel layers only: each data-parallel rank keeps
+            ``1/DP`` of the master (gathered at merges), like the distributed optimizer's main params.
     """
 
     block_size: int = 256
@@ -33,6 +38,8 @@ class POETConfig:
     init: str = "normalized"
     variant: str = "bs"
     permutation_groups: int | None = None
+    fp32_master_a0: bool = False
+    shard_fp32_master: bool = False
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 2:
@@ -53,6 +60,8 @@ class POETConfig:
             raise ValueError(
                 f"POET permutation_groups must be a positive integer or None, got {self.permutation_groups!r}"
             )
+        if self.shard_fp32_master and not self.fp32_master_a0:
+            raise ValueError("POET shard_fp32_master needs fp32_master_a0=True")
 
     def num_blocks(self, dim: int, what: str = "dimension", layer: str | None = None) -> int:
         """Blocks on a side of size ``dim``; raises a ValueError naming the layer if invalid."""

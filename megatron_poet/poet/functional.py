@@ -1,109 +1,215 @@
-"""The POET linear map ``y = Pi_out^T BD(G_P) A0' BD(G_R) Pi_in x + bias``, two ways.
+"""Autograd for ``y = Pi_out^T BD(G_P) A0' BD(G_R) Pi_in x``, saving as little as possible.
 
 ``A0'`` is the frozen weight stored pre-permuted (``A0'[i, j] = A0[perm_out[i], perm_in[j]]``).
+The pieces are separate so the tensor-parallel layers can put communication between them:
 
-- ``poet_linear(..., recompute=False)`` ("fast"): ordinary autograd over the
-  input-centric ops; it keeps the permuted input and the GEMM output for backward.
-- ``poet_linear(..., recompute=True)`` ("mem"): a custom autograd function that
-  saves only the layer input (and references to the small blocks and the frozen
-  weight) and recomputes the intermediates in backward.
+- :func:`rotate_input` (``z = BD(G_R) Pi_in x``) saves ``x`` (its permuted copy on the PyTorch
+  path, where the gather is a separate pass anyway) and the packed skew parameters;
+- :func:`frozen_linear` (``h = A0' z``) saves nothing but a reference to ``A0'``: no weight
+  gradient exists, so the GEMM and its input gradient (:func:`frozen_gemm`,
+  :func:`frozen_gemm_input_grad`) are the one place a different GEMM (e.g. FP8) plugs in;
+- :func:`rotate_output` (``y = Pi_out^T BD(G_P) h``) saves ``h``, or its own output ``y``
+  (``save_output=True``: free when the next op keeps ``y`` anyway, as attention and SwiGLU do);
+- :func:`recomputed_poet_linear` ("mem" mode) saves only ``x`` and recomputes the rest in backward.
 
-Neither computes a gradient for the frozen weight: no weight-gradient GEMM runs.
-Both use the Triton kernels of ``megatron_poet.kernels`` for supported CUDA tensors
-(through ``rotate_input`` / ``rotate_output`` and the side gradients below).
+No function keeps the blocks ``G`` or the Cayley–Neumann intermediates: the blocks are rebuilt
+from the packed parameters in backward (the fused Triton kernel saves only those parameters
+too). With ``save_output``, the output side's block gradient comes from ``y`` instead of ``h``:
+``dL/dG = sum_t du h^T = (sum_t du u^T) G^{-T}`` with ``u = Pi y = G h``; ``G`` is close to
+orthogonal (well conditioned) whenever the Neumann series converges (``||Q|| < 1``), so the
+solve is accurate.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .rotation import block_rotate_grads, rotate_input, rotate_output
-
-from megatron_poet import kernels as _kernels  # imports no Triton until a kernel runs
-
-
-def _input_side_grads(
-    x: torch.Tensor, grad_z: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor, need_input_grad: bool
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Gradients of ``z = BD(G) Pi x`` for rows ``(N, d)``: ``(grad_x or None, grad_blocks)``."""
-    if _kernels.rotation_supported(x, blocks):
-        from megatron_poet.kernels.rotation_ops import input_side_grads
-
-        return input_side_grads(x, grad_z, perm, blocks, need_input_grad)
-    grad_x_perm, grad_blocks = block_rotate_grads(x.index_select(-1, perm), grad_z, blocks, need_input_grad)
-    if not need_input_grad:
-        return None, grad_blocks
-    grad_x = torch.empty_like(grad_x_perm)
-    grad_x[:, perm] = grad_x_perm
-    return grad_x, grad_blocks
+from .rotation import input_rotation, input_side_grads, output_rotation, output_side_grads
+from .side import OrthogonalSide
 
 
-def _output_side_grads(
-    h: torch.Tensor, grad_y: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``y = Pi^T BD(G) h`` for rows ``(N, d)``: ``(grad_h, grad_blocks)``."""
-    if _kernels.rotation_supported(h, blocks):
-        from megatron_poet.kernels.rotation_ops import output_side_grads
-
-        return output_side_grads(h, grad_y, blocks, perm)
-    # y[:, perm] = u  =>  grad_u = grad_y[:, perm].
-    return block_rotate_grads(h, grad_y.index_select(-1, perm), blocks)
+def frozen_gemm(z: torch.Tensor, frozen_weight: torch.Tensor) -> torch.Tensor:
+    """``h = z A0'^T``: ``(..., d_in) -> (..., d_out)``."""
+    return F.linear(z, frozen_weight)
 
 
-class _RecomputingPOETLinear(torch.autograd.Function):
+def frozen_gemm_input_grad(grad_h: torch.Tensor, frozen_weight: torch.Tensor) -> torch.Tensor:
+    """``dL/dz = dL/dh A0'``: ``(..., d_out) -> (..., d_in)`` (there is no weight gradient)."""
+    return torch.matmul(grad_h, frozen_weight)
+
+
+def _blocks_for_backward(side: OrthogonalSide, skew: torch.Tensor, dtype: torch.dtype, need_grad: bool):
+    """``(leaf, blocks with autograd graph or None, blocks as the forward used them)``."""
+    if not need_grad:
+        with torch.no_grad():
+            return None, None, side.build_blocks(skew, dtype)
+    leaf = skew.detach().requires_grad_()
+    with torch.enable_grad():
+        graph = side.build_blocks(leaf)
+    return leaf, graph, graph.detach().to(dtype)
+
+
+def _through_inverse(outer: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """``outer G^{-T}`` per block (float32 or wider)."""
+    g = used.to(outer.dtype)
+    return torch.linalg.solve(g, outer.transpose(1, 2)).transpose(1, 2)
+
+
+def _skew_grads(leaves: list, graphs: list, grads: list) -> list:
+    """Gradients of the packed parameters through the rebuilt Cayley–Neumann graphs (``None`` where unused)."""
+    live = [i for i, leaf in enumerate(leaves) if leaf is not None]
+    out = [None] * len(leaves)
+    if live:
+        with torch.enable_grad():
+            got = torch.autograd.grad([graphs[i] for i in live], [leaves[i] for i in live],
+                                      [grads[i].to(graphs[i].dtype) for i in live])
+        for i, g in zip(live, got):
+            out[i] = g
+    return out
+
+
+class _RotateInput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, frozen_weight, r_blocks, p_blocks, perm_in, perm_out, bias):
-        z = rotate_input(x, perm_in, r_blocks)
-        y = rotate_output(F.linear(z, frozen_weight), p_blocks, perm_out)
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(x, frozen_weight, r_blocks, p_blocks, perm_in, perm_out)
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, skew, perm, inv_perm, side):
+        z, x_perm = input_rotation(x, perm, side.build_blocks(skew, x.dtype), side.segment)
+        ctx.side, ctx.permuted = side, x_perm is not None
+        ctx.save_for_backward(x if x_perm is None else x_perm, skew, perm, inv_perm)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        kept, skew, perm, inv_perm = ctx.saved_tensors
+        need_x, need_skew = ctx.needs_input_grad[:2]
+        leaf, graph, used = _blocks_for_backward(ctx.side, skew, kept.dtype, need_skew)
+        which = {"x_perm": kept} if ctx.permuted else {"x": kept}
+        grad_x, grad_blocks = input_side_grads(grad_z, used, perm, ctx.side.segment, inv_perm=inv_perm,
+                                               need_input_grad=need_x, **which)
+        (grad_skew,) = _skew_grads([leaf], [graph], [grad_blocks])
+        return grad_x, grad_skew, None, None, None
+
+
+class _FrozenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, frozen_weight):
+        ctx.save_for_backward(frozen_weight)  # a reference: the version counter catches a merge mid-step
+        return frozen_gemm(z, frozen_weight)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        (frozen_weight,) = ctx.saved_tensors
+        return frozen_gemm_input_grad(grad_h, frozen_weight), None
+
+
+class _RotateOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, skew, perm, inv_perm, side, save_output):
+        y = output_rotation(h, side.build_blocks(skew, h.dtype), perm, side.segment, inv_perm)
+        ctx.side, ctx.save_output = side, save_output
+        ctx.save_for_backward(y if save_output else h, skew, perm)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, frozen_weight, r_blocks, p_blocks, perm_in, perm_out = ctx.saved_tensors
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
-        # Recompute the GEMM output the output-side block gradient needs.
-        h = F.linear(rotate_input(x2, perm_in, r_blocks), frozen_weight)
-        grad_h, grad_p = _output_side_grads(h, grad_y2, p_blocks, perm_out)
-        grad_z = grad_h @ frozen_weight  # input gradient of the GEMM; no weight gradient
-        need_x = ctx.needs_input_grad[0]
-        grad_x, grad_r = _input_side_grads(x2, grad_z, r_blocks, perm_in, need_x)
-        if need_x:
-            grad_x = grad_x.reshape(shape)
-        grad_bias = None
-        if ctx.has_bias and ctx.needs_input_grad[6]:
-            grad_bias = grad_y2.sum(0)
-        return grad_x, None, grad_r, grad_p, None, None, grad_bias
+        kept, skew, perm = ctx.saved_tensors
+        leaf, graph, used = _blocks_for_backward(ctx.side, skew, kept.dtype, ctx.needs_input_grad[1])
+        which = {"y": kept} if ctx.save_output else {"h": kept}
+        grad_h, outer = output_side_grads(grad_y, used, perm, ctx.side.segment, **which)
+        grad_blocks = _through_inverse(outer, used) if ctx.save_output else outer
+        (grad_skew,) = _skew_grads([leaf], [graph], [grad_blocks])
+        return grad_h, grad_skew, None, None, None, None
+
+
+class _RecomputedPOETLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, frozen_weight, skew_in, perm_in, inv_in, skew_out, perm_out, inv_out, sides, comm):
+        in_side, out_side = sides
+        z, _ = input_rotation(x, perm_in, in_side.build_blocks(skew_in, x.dtype), in_side.segment)
+        h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight)
+        ctx.sides, ctx.comm = sides, comm
+        ctx.save_for_backward(x, frozen_weight, skew_in, perm_in, inv_in, skew_out, perm_out)
+        if out_side is None:
+            return h
+        return output_rotation(h, out_side.build_blocks(skew_out, h.dtype), perm_out, out_side.segment, inv_out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, frozen_weight, skew_in, perm_in, inv_in, skew_out, perm_out = ctx.saved_tensors
+        (in_side, out_side), comm = ctx.sides, ctx.comm
+        needs = ctx.needs_input_grad
+        leaf_r, graph_r, g_r = _blocks_for_backward(in_side, skew_in, x.dtype, needs[2])
+        z, x_perm = input_rotation(x, perm_in, g_r, in_side.segment)
+        leaves, graphs, grads = [leaf_r], [graph_r], [None]
+        grad_h = grad_y
+        if out_side is not None:
+            leaf_p, graph_p, g_p = _blocks_for_backward(out_side, skew_out, x.dtype, needs[5])
+            h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight)
+            grad_h, grad_p = output_side_grads(grad_y, g_p, perm_out, out_side.segment, h=h)
+            del h
+            leaves, graphs, grads = [leaf_r, leaf_p], [graph_r, graph_p], [None, grad_p]
+        grad_z = frozen_gemm_input_grad(grad_h, frozen_weight)
+        if comm:
+            grad_z = comm.backward(grad_z)
+        del z
+        grad_x, grads[0] = input_side_grads(grad_z, g_r, perm_in, in_side.segment, x=x, x_perm=x_perm,
+                                            inv_perm=inv_in, need_input_grad=needs[0])
+        skew_grads = _skew_grads(leaves, graphs, grads) + [None]
+        return grad_x, None, skew_grads[0], None, None, skew_grads[1], None, None, None, None
+
+
+def rotate_input(x: torch.Tensor, side: OrthogonalSide, skew: torch.Tensor | None = None) -> torch.Tensor:
+    """``z = BD(G_R) Pi x`` ``(..., d) -> (..., d)`` (permuted order); saves ``x`` (gathered on the PyTorch path).
+
+    ``skew`` defaults to ``side.skew``.
+    """
+    return _RotateInput.apply(x, side.skew if skew is None else skew, side.perm, side.inv_perm, side)
+
+
+def frozen_linear(z: torch.Tensor, frozen_weight: torch.Tensor) -> torch.Tensor:
+    """``h = A0' z`` ``(..., d_in) -> (..., d_out)``; no gradient for ``A0'``, nothing saved but a reference."""
+    return _FrozenLinear.apply(z, frozen_weight)
+
+
+def rotate_output(h: torch.Tensor, side: OrthogonalSide, *, save_output: bool = False,
+                  skew: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = Pi^T BD(G_P) h`` ``(..., d) -> (..., d)``; saves ``h``, or ``y`` with ``save_output``."""
+    return _RotateOutput.apply(h, side.skew if skew is None else skew, side.perm, side.inv_perm, side, save_output)
+
+
+def recomputed_poet_linear(
+    x: torch.Tensor, frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide | None,
+    *, comm=None, input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """"mem" mode: ``P A0' R x`` (or ``A0' R x`` without ``output_side``), saving only ``x``.
+
+    ``comm`` (optional) sits between ``R`` and the GEMM: ``comm.forward(z)`` in forward (and
+    again in the backward recomputation), ``comm.backward(grad)`` on the GEMM's input gradient
+    (the tensor-parallel layers pass their copy/all-gather here). Shapes ``(..., d_in) -> (..., d_out)``.
+    """
+    skew_out = None if output_side is None else (output_side.skew if output_skew is None else output_skew)
+    out_perms = (None, None) if output_side is None else (output_side.perm, output_side.inv_perm)
+    return _RecomputedPOETLinear.apply(
+        x, frozen_weight, input_side.skew if input_skew is None else input_skew, input_side.perm,
+        input_side.inv_perm, skew_out, *out_perms, (input_side, output_side), comm,
+    )
 
 
 def poet_linear(
-    x: torch.Tensor,
-    frozen_weight: torch.Tensor,
-    r_blocks: torch.Tensor,
-    p_blocks: torch.Tensor,
-    perm_in: torch.Tensor,
-    perm_out: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    recompute: bool = False,
+    x: torch.Tensor, frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide,
+    bias: torch.Tensor | None = None, *, recompute: bool = False,
+    input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """POET forward, input-centric.
+    """POET forward, input-centric: ``(..., d_in) -> (..., d_out)``.
 
     Args:
-        x: ``(..., d_in)``.
         frozen_weight: ``(d_out, d_in)`` pre-permuted ``A0'``; never receives a gradient.
-        r_blocks: ``(n_in, b, b)`` input-side blocks; p_blocks: ``(n_out, b, b)``.
-        perm_in, perm_out: ``(d_in,)``, ``(d_out,)`` the input and output permutations.
+        input_side, output_side: ``R`` and ``P`` (their ``skew`` unless ``input_skew``/``output_skew`` given).
         bias: ``(d_out,)`` or None.
-        recompute: "mem" mode (save only ``x``) instead of "fast" (autograd keeps intermediates).
-    Returns:
-        ``(..., d_out)``.
+        recompute: "mem" mode (saves ``x`` only) instead of "fast" (saves ``x`` and ``h``).
     """
     if recompute:
-        return _RecomputingPOETLinear.apply(x, frozen_weight, r_blocks, p_blocks, perm_in, perm_out, bias)
-    y = rotate_output(F.linear(rotate_input(x, perm_in, r_blocks), frozen_weight), p_blocks, perm_out)
+        y = recomputed_poet_linear(x, frozen_weight, input_side, output_side,
+                                   input_skew=input_skew, output_skew=output_skew)
+    else:
+        z = rotate_input(x, input_side, input_skew)
+        y = rotate_output(frozen_linear(z, frozen_weight), output_side, skew=output_skew)
     return y if bias is None else y + bias

@@ -1,4 +1,4 @@
-"""``POETLinear``: a drop-in ``nn.Linear`` whose weight is ``P · A0 · R``."""
+"""``POETLinear``: a drop-in ``nn.Linear`` whose weight is ``P · A0 · R``; ``POETModule``, what every POET layer shares."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +6,8 @@ from torch import nn
 
 from .config import POETConfig
 from .functional import poet_linear
-from .init import init_frozen_weight
+from .init import fill_frozen_weight
+from .merge import fold_exact_, nearest_orthogonal, permute_, permuted_copy
 from .rotation import block_rotate
 from .side import OrthogonalSide
 
@@ -16,23 +17,28 @@ class POETModule(nn.Module):
 
     The optimizer glue and the merge schedule find POET layers by this type.
     Subclasses hold ``input_side`` (R) and ``output_side`` (P), two
-    :class:`OrthogonalSide`, and ``frozen_weight`` (their local ``A0``, stored
-    pre-permuted ``A0[perm_out][:, perm_in]``), and implement :meth:`merge_and_reset`.
-    ``frozen_weight`` is a parameter with ``requires_grad=False`` (no gradient, no
-    optimizer state) rather than a buffer so that DeepSpeed ZeRO-3, which partitions
-    parameters but never buffers, shards it across data-parallel ranks.
+    :class:`OrthogonalSide`; ``frozen_weight``, their local ``A0`` stored pre-permuted
+    (``A0[perm_out][:, perm_in]``), a parameter with ``requires_grad=False`` (no gradient,
+    no optimizer state) rather than a buffer so that DeepSpeed ZeRO-3, which partitions
+    parameters but never buffers, shards it across data-parallel ranks (only ever updated
+    in place); optionally ``frozen_master``, a float32 copy of ``A0`` in canonical
+    (un-permuted) order that merges update instead when ``frozen_weight`` is half precision;
+    and ``frozen_init_sq_norms``, squared norms of ``A0``'s lines along :attr:`norm_axis` at
+    initialization (for :meth:`a0_norm_drift`). They implement :meth:`merge_and_reset`.
     """
 
     input_side: OrthogonalSide
     output_side: OrthogonalSide
     frozen_weight: torch.Tensor
+    frozen_master: torch.Tensor | None
+    norm_axis: int = 0  # 0: per row (output feature), 1: per column
 
     def poet_parameters(self) -> list[nn.Parameter]:
         """The trainable orthogonal-factor parameters (Adam, no weight decay, poet lr)."""
         return [self.input_side.skew, self.output_side.skew]
 
     def merge_and_reset(self, generator: torch.Generator | None = None) -> None:
-        """Fold ``P A0 R`` into ``A0``, draw fresh permutations, set every ``Q`` to 0."""
+        """Fold ``P A0 R`` into ``A0`` (spectrum-exact, :mod:`.merge`), draw fresh permutations, set every ``Q`` to 0."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -46,23 +52,72 @@ class POETModule(nn.Module):
         return dense_from_factors(self.frozen_weight, self.input_side, self.output_side)
 
     @torch.no_grad()
-    def _store_frozen(self, dense: torch.Tensor) -> None:
-        """Store a dense ``(d_out, d_in)`` weight pre-permuted by the current permutations."""
-        dense = dense.to(self.frozen_weight.device)
-        permuted = dense.index_select(0, self.output_side.perm).index_select(1, self.input_side.perm)
-        self.frozen_weight.copy_(permuted)
+    def a0_norm_drift(self) -> torch.Tensor:
+        """``| ||A0||_F / ||A0 at initialization||_F - 1 |`` (0-d float64): orthogonal factors leave it 0."""
+        now = line_sq_norms(self.frozen_weight, 0).double().sum()
+        return (now / self.frozen_init_sq_norms.double().sum()).sqrt().sub(1).abs()
+
+    # ----------------------------------------------------------------- storage of A0
+    @torch.no_grad()
+    def _record_initial_norms(self) -> None:
+        """``frozen_init_sq_norms`` from the current ``A0`` (canonical order along :attr:`norm_axis`)."""
+        side = self.output_side if self.norm_axis == 0 else self.input_side
+        self.frozen_init_sq_norms.copy_(line_sq_norms(self.frozen_weight, self.norm_axis)[side.inv_perm])
+
+    @torch.no_grad()
+    def _merge(self, new_perm_in: torch.Tensor, new_perm_out: torch.Tensor) -> None:
+        """Fold the exact orthogonal factors into ``A0`` and restart both sides with the new permutations."""
+        rows = self.output_side.inv_perm[new_perm_out.to(self.output_side.inv_perm.device)]
+        cols = self.input_side.inv_perm[new_perm_in.to(self.input_side.inv_perm.device)]
+        if self.frozen_master is None:
+            permute_(fold_exact_(self.frozen_weight, self.input_side, self.output_side), rows, cols)
+        else:  # fold the float32 master; the storage copy is rounded from it once
+            weight = permuted_copy(self._canonical_master(), self.output_side.perm, self.input_side.perm)
+            permute_(fold_exact_(weight, self.input_side, self.output_side), rows, cols)
+        self.input_side.restart(new_perm_in)
+        self.output_side.restart(new_perm_out)
+        if self.frozen_master is not None:
+            self.frozen_weight.copy_(weight)
+            self._set_master(permute_(weight, self.output_side.inv_perm, self.input_side.inv_perm))
+
+    def _canonical_master(self) -> torch.Tensor:
+        """The whole local float32 master ``(d_out, d_in)`` in canonical order (gathered if sharded)."""
+        return self.frozen_master
+
+    def _set_master(self, canonical: torch.Tensor) -> None:
+        """Keep this process's part of a canonical float32 ``A0``."""
+        self.frozen_master.copy_(canonical)
+
+
+def line_sq_norms(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """Squared L2 norms of the rows (``axis=0``) or columns (``axis=1``) of ``weight``, float32 or wider,
+    reduced over row chunks (no full-size temporary)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    out = torch.zeros(weight.shape[axis], dtype=acc, device=weight.device)
+    step = max(1, (1 << 18) // max(1, weight.shape[1]))
+    for r0 in range(0, weight.shape[0], step):
+        norms = torch.linalg.vector_norm(weight[r0:r0 + step], dim=1 - axis, dtype=acc).square()
+        if axis == 0:
+            out[r0:r0 + step] = norms
+        else:
+            out += norms
+    return out
 
 
 def dense_from_factors(
-    frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide
+    frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide, orthogonal: bool = False,
 ) -> torch.Tensor:
     """``P A0 R`` as a dense ``(d_out, d_in)`` matrix from the pre-permuted ``A0'``.
 
-    Computed in float32, or float64 for a float64 layer (half precisions never).
+    Computed in float32, or float64 for a float64 layer (half precisions never). With
+    ``orthogonal``: the weight a merge produces, from the orthogonal matrices nearest to the
+    blocks (:func:`.merge.nearest_orthogonal`), in float64.
     """
-    dtype = torch.promote_types(frozen_weight.dtype, torch.float32)
-    w = block_rotate(frozen_weight.to(dtype), input_side.blocks(dtype).transpose(1, 2))  # A0' BD(G_R)
-    w = block_rotate(w.t(), output_side.blocks(dtype)).t()  # BD(G_P) A0' BD(G_R)
+    dtype = torch.float64 if orthogonal else torch.promote_types(frozen_weight.dtype, torch.float32)
+    r, p = ((nearest_orthogonal(side.blocks()).to(frozen_weight.device) if orthogonal else side.blocks(dtype))
+            for side in (input_side, output_side))
+    w = block_rotate(frozen_weight.to(dtype), r.transpose(1, 2), input_side.segment)  # A0' BD(G_R)
+    w = block_rotate(w.t().contiguous(), p, output_side.segment).t()  # BD(G_P) A0' BD(G_R)
     return w.index_select(0, output_side.inv_perm).index_select(1, input_side.inv_perm)
 
 
@@ -80,8 +135,11 @@ class POETLinear(POETModule):
         block_size, neumann_terms, mode, init, variant: see :class:`POETConfig`.
         generator: CPU generator for ``A0`` and the permutations.
         name: used in error messages (``convert_model`` passes the module path).
+        initial_weight: use this ``(out_features, in_features)`` matrix as ``A0`` (fine-tuning).
+        fp32_master_a0: keep a float32 master copy of ``A0`` that merges update (for half-precision layers).
 
-    Shapes: input ``(..., in_features)`` -> output ``(..., out_features)``.
+    Shapes: input ``(..., in_features)`` -> output ``(..., out_features)``. "fast" mode keeps the
+    rotated input and the GEMM output for backward, "mem" only the input (:mod:`.functional`).
     """
 
     def __init__(
@@ -100,6 +158,7 @@ class POETLinear(POETModule):
         generator: torch.Generator | None = None,
         name: str | None = None,
         initial_weight: torch.Tensor | None = None,
+        fp32_master_a0: bool = False,
     ):
         super().__init__()
         self.config = POETConfig(block_size, neumann_terms, mode, init, variant)
@@ -113,15 +172,26 @@ class POETLinear(POETModule):
                 f"POETLinear {name or ''}: initial_weight has shape {tuple(initial_weight.shape)}, "
                 f"expected ({out_features}, {in_features})"
             )
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # A0's seed, drawn before the permutations
         kw = dict(layer=name, dtype=dtype, device=device)
-        weight = initial_weight.detach().float().cpu() if initial_weight is not None else None
-        if weight is None:
-            weight = init_frozen_weight(out_features, in_features, init, generator)
         self.input_side = OrthogonalSide(in_features, self.config, what="in_features", generator=generator, **kw)
         self.output_side = OrthogonalSide(out_features, self.config, what="out_features", generator=generator, **kw)
         self.frozen_weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                           requires_grad=False)
-        self._store_frozen(weight)
+        master = torch.empty(out_features, in_features, dtype=torch.float32, device=device) if fp32_master_a0 else None
+        self.register_buffer("frozen_master", master)
+        self.register_buffer("frozen_init_sq_norms", torch.empty(out_features, dtype=torch.float32, device=device))
+        rows, cols = self.output_side.perm, self.input_side.perm
+        with torch.no_grad():
+            if initial_weight is not None:
+                self.frozen_weight.copy_(permuted_copy(initial_weight.detach(), rows, cols))
+                if master is not None:
+                    master.copy_(initial_weight.detach())
+            else:
+                fill_frozen_weight(self.frozen_weight, out_features, in_features, init, seed, rows, cols)
+                if master is not None:
+                    fill_frozen_weight(master, out_features, in_features, init, seed)
+        self._record_initial_norms()
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -153,21 +223,18 @@ class POETLinear(POETModule):
                 f"POETLinear {self.name or ''}: input has {x.shape[-1]} features, expected {self.in_features} "
                 f"(input shape {tuple(x.shape)})"
             )
-        return poet_linear(
-            x, self.frozen_weight, self.input_side.blocks(x.dtype), self.output_side.blocks(x.dtype),
-            self.input_side.perm, self.output_side.perm, self.bias, recompute=self.config.mode == "mem",
-        )
+        return poet_linear(x, self.frozen_weight, self.input_side, self.output_side, self.bias,
+                           recompute=self.config.mode == "mem")
 
     @torch.no_grad()
     def merge_and_reset(self, generator: torch.Generator | None = None) -> None:
-        merged = self.effective_weight()  # float32 even when the module runs in bf16
-        self.input_side.reset(generator)
-        self.output_side.reset(generator)
-        self._store_frozen(merged)
+        new_in = self.input_side.draw_permutation(generator)
+        self._merge(new_in, self.output_side.draw_permutation(generator))
 
     def extra_repr(self) -> str:
         c = self.config
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"block_size={c.block_size}, neumann_terms={c.neumann_terms}, mode={c.mode}, variant={c.variant}"
+            + (", fp32_master_a0=True" if self.frozen_master is not None else "")
         )

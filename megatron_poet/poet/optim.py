@@ -116,11 +116,20 @@ class MergeScheduler:
 
     def max_orthogonality_error(self) -> float:
         """Largest ``||G^T G - I||_F`` over all POET blocks of the model (a log diagnostic)."""
-        errors = []
+        return self._max_over_layers(lambda layer: layer.poet_parameters(), lambda layer: layer.orthogonality_error())
+
+    def max_a0_norm_drift(self) -> float:
+        """Largest relative change of an ``A0``'s Frobenius norm since initialization (a log diagnostic:
+        orthogonal factors preserve every singular value, so merges should leave it at rounding level)."""
+        return self._max_over_layers(lambda layer: [layer.frozen_weight], lambda layer: layer.a0_norm_drift())
+
+    def _max_over_layers(self, params, measure) -> float:
+        """Max of ``measure(layer)`` (a 0-d tensor) over the POET layers, each with ``params(layer)`` materialized."""
+        values = []
         for layer in poet_modules(self.model):
-            with self._materialize(layer.poet_parameters(), False):
-                errors.append(layer.orthogonality_error())
-        return float(torch.stack(errors).max()) if errors else 0.0  # one device-to-host copy
+            with self._materialize(params(layer), False):
+                values.append(measure(layer))
+        return float(torch.stack(values).max()) if values else 0.0  # one device-to-host copy
 
     def state_dict(self) -> dict:
         return {"steps_since_merge": self.steps_since_merge, "merges_done": self.merges_done, "seed": self.seed}

@@ -65,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "uniform_spectrum = all singular values 1")
     g.add_argument("--poet-variant", choices=VARIANTS, default="bs",
                    help="bs: block-stochastic, R and P are b x b blocks after a random permutation; fs: fully "
-                        "stochastic, one random b-subset per side (plain-PyTorch POETLinear only: the "
-                        "tensor-parallel layers of this program take bs)")
+                        "stochastic, one random b-subset per side and permutation group")
+    g.add_argument("--poet-permutation-groups", type=int, default=None,
+                   help="the TP-sharded side permutes within this many groups (a multiple of the TP size; "
+                        "runs at any TP size dividing it are identical); default: the TP size. "
+                        "With --poet-variant fs it fixes the number of blocks, so a checkpoint records it")
+    g.add_argument("--poet-fp32-master-a0", action="store_true",
+                   help="with --bf16: keep an fp32 master copy of every A0 that merges fold, rounding to bf16 "
+                        "once per merge (sharded over data-parallel ranks with --use-distributed-optimizer)")
     g.add_argument("--poet-clip-ramp-iters", type=int, default=0,
                    help="after each merge, ramp the clip threshold linearly from clip/N back to clip over "
                         "N steps (the public POET code uses 10); 0 = off")
@@ -169,6 +175,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
     args.min_lr = 0.01 * args.lr if args.min_lr is None else args.min_lr
     args.poet_lr = args.lr if args.poet_lr is None else args.poet_lr
+    if args.poet_variant == "fs" and args.poet_permutation_groups is None:
+        args.poet_permutation_groups = args.tensor_model_parallel_size
     if args.poet_min_lr is None:
         args.poet_min_lr = args.poet_lr * (args.min_lr / args.lr) if args.lr > 0 else 0.0
     args.lr_decay_iters = args.train_iters if args.lr_decay_iters is None else args.lr_decay_iters
@@ -194,12 +202,16 @@ def poet_config(args: argparse.Namespace) -> POETConfig | None:
     """The :class:`POETConfig` of the run, ``None`` for ``--no-poet``."""
     if not args.poet:
         return None
+    master = args.poet_fp32_master_a0 and args.bf16
     return POETConfig(
         block_size=args.poet_block_size,
         neumann_terms=args.poet_neumann_terms,
         mode=args.poet_mode,
         init=args.poet_init,
         variant=args.poet_variant,
+        permutation_groups=args.poet_permutation_groups,
+        fp32_master_a0=master,
+        shard_fp32_master=master and args.use_distributed_optimizer,
     )
 
 
@@ -301,12 +313,13 @@ def _check_poet(args: argparse.Namespace, need, errors_so_far: bool) -> None:
         config = poet_config(args)
     except ValueError as e:
         need(False, f"{e} (POET flags: --poet-block-size, --poet-neumann-terms, --poet-mode, --poet-init, "
-                    f"--poet-variant)")
+                    f"--poet-variant, --poet-permutation-groups)")
         return
     need(args.poet_merge_interval > 0, f"--poet-merge-interval must be > 0, got {args.poet_merge_interval}")
-    need(args.poet_variant == "bs", f"--poet-variant {args.poet_variant}: the Megatron (tensor-parallel) POET layers "
-                                    f"implement the block-stochastic variant only; use --poet-variant bs "
-                                    f"(POETLinear in plain PyTorch supports 'fs')")
+    need(args.bf16 or not args.poet_fp32_master_a0,
+         "--poet-fp32-master-a0 keeps an fp32 copy of bf16 weights; it needs --bf16")
+    need(not (args.deepspeed and args.poet_fp32_master_a0),
+         "--poet-fp32-master-a0 is implemented for the megatron-core engine, not with --deepspeed")
     if errors_so_far:  # the model layout below presumes sane sizes
         return
     from megatron_poet.megatron.model import validate_model_config
@@ -317,4 +330,5 @@ def _check_poet(args: argparse.Namespace, need, errors_so_far: bool) -> None:
         validate_model_config(transformer_config(args), config, vocab_size=None)
     except ValueError as e:
         need(False, f"{e}\n  change --poet-block-size or the model sizes (--hidden-size, --ffn-hidden-size, "
-                    f"--num-attention-heads, --kv-channels) or --tensor-model-parallel-size")
+                    f"--num-attention-heads, --kv-channels), --tensor-model-parallel-size or "
+                    f"--poet-permutation-groups")

@@ -40,7 +40,7 @@ MARKER = "latest_checkpointed_iteration.txt"
 SHAPE_ARGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "model_style", "max_position_embeddings", "rotary_base", "poet", "poet_block_size",
-    "poet_variant", "poet_neumann_terms", "vocab_size_unpadded",
+    "poet_variant", "poet_neumann_terms", "vocab_size_unpadded", "poet_permutation_groups",
 )
 # Recorded too, for tools reading the checkpoint (export to Hugging Face ships the tokenizer).
 RECORDED_ARGS = ("tokenizer_type", "tokenizer_model")

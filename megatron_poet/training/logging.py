@@ -15,8 +15,9 @@ model really computes. A linear ``(d_in -> d_out)``:
   ``~ 3 x 2 b^3 (k + 1)`` per block per micro-batch (forward + backward), independent
   of the tokens; it is added per micro-batch (the copies of a replicated side
   that tensor-parallel ranks build redundantly are not counted: not useful work).
-  The fully stochastic variant rotates ``b`` of the ``d`` coordinates with one
-  ``b x b`` block: the same formulas with ``b (d_in + d_out)`` replaced by ``2 b^2``.
+  The fully stochastic variant rotates one ``b``-subset per side and permutation group
+  (the sharded side has ``G`` = ``--poet-permutation-groups`` groups per part, the replicated side one):
+  the same formulas with ``b (d_in + d_out)`` replaced by ``(1 + G) b^2``.
 - attention scores and values: ``4 s d_attn`` forward, twice that backward (full
   ``s x s`` products as computed, no causal discount).
 - output layer: ``6 h V`` (forward + backward); embeddings and norms are not counted.
@@ -43,14 +44,16 @@ _PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 
                 "L40S": (362.0, 183.0), "A10": (125.0, 62.5)}
 
 
-def _linear_flops(d_in: int, d_out: int, args: argparse.Namespace) -> tuple[float, float]:
-    """``(per-token FLOPs, per-micro-batch FLOPs)`` of one linear, forward + backward."""
+def _linear_flops(d_in: int, d_out: int, args: argparse.Namespace, parts: int = 1) -> tuple[float, float]:
+    """``(per-token FLOPs, per-micro-batch FLOPs)`` of one linear, forward + backward
+    (``parts``: 2 for SwiGLU's gate/up ``linear_fc1``, whose halves are permuted apart)."""
     gemm = 2.0 * d_in * d_out
     if not args.poet:
         return 3 * gemm, 0.0
     b, k = args.poet_block_size, args.poet_neumann_terms or 1  # exact Cayley (None) ~ one solve ~ one term
     if args.poet_variant == "fs":
-        rotate, blocks = 2.0 * b * (2 * b), 2
+        blocks = 1 + parts * args.poet_permutation_groups
+        rotate = 2.0 * b * b * blocks
     else:
         rotate, blocks = 2.0 * b * (d_in + d_out), d_in // b + d_out // b
     per_token = 2 * gemm + 3 * rotate
@@ -66,8 +69,8 @@ def flops_per_iteration(args: argparse.Namespace, vocab_size: int) -> float:
     micro_batches = args.global_batch_size // args.micro_batch_size  # over all DP ranks
     attn = args.num_attention_heads * args.kv_channels
     per_token = per_micro = 0.0
-    for _, d_in, d_out, parallel in linear_shapes(args):
-        tok, mb = _linear_flops(d_in, d_out, args)
+    for name, d_in, d_out, parallel in linear_shapes(args):
+        tok, mb = _linear_flops(d_in, d_out, args, 2 if name == "mlp.linear_fc1" and args.swiglu else 1)
         per_token, per_micro = per_token + tok, per_micro + mb
     per_token += 3 * 4.0 * s * attn
     total = args.num_layers * (per_token * tokens + per_micro * micro_batches)
@@ -123,12 +126,15 @@ class TrainingLogger:
             print(message, flush=True)
 
     def iteration(self, iteration: int, consumed_samples: int, lr: float, loss: float,
-                  grad_norm: float | None, merges: int, orth_error: float | None, skipped: str | None = None) -> bool:
+                  grad_norm: float | None, merges: int, orth_error: float | None,
+                  a0_drift: float | None = None, skipped: str | None = None) -> bool:
         """Count an iteration; every ``--log-interval`` print a line. Returns whether it printed.
 
         Time per iteration is averaged over the window; loss and grad norm are this iteration's.
 
-        ``orth_error`` is the largest POET orthogonality error measured since the previous line.
+        ``orth_error`` is the largest POET orthogonality error measured since the previous line;
+        ``a0_drift`` the largest relative change of an ``A0``'s Frobenius norm since initialization
+        (merges fold orthogonal factors, which keep it at rounding level: a spectrum-drift alarm).
         ``skipped``: the message of a skipped update (printed at once), ``None`` when it was applied.
         """
         self._window_iters += 1
@@ -165,6 +171,8 @@ class TrainingLogger:
         ]
         if self.args.poet:
             fields += [f"merges: {merges}", f"max orth err: {orth_error:.1e}"]
+            if a0_drift is not None:
+                fields.append(f"A0 norm drift: {a0_drift:.1e}")
         fields.append(f"ETA {eta}")
         self.print(f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] " + " | ".join(fields))
         if self.writer:
@@ -175,6 +183,8 @@ class TrainingLogger:
                 scalars["grad-norm"] = grad_norm
             if self.args.poet:
                 scalars.update({"poet/merges": merges, "poet/max-orthogonality-error": orth_error})
+                if a0_drift is not None:
+                    scalars["poet/a0-norm-drift"] = a0_drift
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, iteration)
             self.writer.flush()

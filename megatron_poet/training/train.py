@@ -70,16 +70,19 @@ def train(
             state.consumed_samples += args.global_batch_size
             skipped = guard.record(state.iteration, loss, result, verdict)
 
+            a0_drift = None
             if merge_scheduler is not None and result.updated:
                 logging_now = state.iteration % args.log_interval == 0
                 if logging_now or merge_scheduler.merge_due():
                     orth_max = max(orth_max, _max_over_model_parallel(merge_scheduler.max_orthogonality_error()))
                 merge_scheduler.step()
+                if logging_now or state.iteration == args.train_iters:  # after the merge, so a merge shows
+                    a0_drift = _max_over_model_parallel(merge_scheduler.max_a0_norm_drift())
             if loss is not None:
                 merges = merge_scheduler.merges_done if merge_scheduler else 0
                 # orth_max: largest error measured since the last log line (at log steps and just before merges)
                 if logger.iteration(state.iteration, state.consumed_samples, engine.learning_rate(), loss.mean(),
-                                    result.grad_norm, merges, orth_max, skipped):
+                                    result.grad_norm, merges, orth_max, a0_drift, skipped):
                     orth_max = 0.0
 
             last = state.iteration == args.train_iters

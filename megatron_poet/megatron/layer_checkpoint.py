@@ -1,0 +1,142 @@
+"""Checkpoint layout of the tensor-parallel POET layers, and where their fp32 master of ``A0`` lives.
+
+State (``state_dict`` hooks and ``sharded_state_dict``) is layout-independent: ``base_weight`` is
+the un-permuted ``A0`` slice (float32 from the master when the layer keeps one, else in the
+layer's dtype), the sharded side's permutation is stored as the *global* indices it reads, and
+``base_weight``, that permutation, the sharded side's skew blocks and ``frozen_init_sq_norms``
+are split along the TP axis (SwiGLU's ``linear_fc1``: gate and up halves separately), so a
+checkpoint reshards to any TP size dividing ``permutation_groups``. A master sharded over
+data-parallel ranks is saved as each rank's piece of the same global ``base_weight``
+(no gather), so it also reloads at another DP size.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..poet.merge import permuted_copy
+from . import compat
+
+
+class MasterShard:
+    """The float32 master of a layer's local ``A0``, canonical (un-permuted) order.
+
+    Unsharded: the whole local ``A0``. With ``shard_fp32_master`` and DP > 1: this data-parallel
+    rank's ``1/DP`` of it along the TP-sharded axis (rows of a column-parallel layer, columns of
+    a row-parallel one), taken from each part (SwiGLU gate/up) separately, so the piece is a
+    contiguous block of the global matrix in every part; merges all-gather it (:meth:`gather`).
+    """
+
+    def __init__(self, layer, poet):
+        self.axis = layer.sharded_axis
+        self.shape = tuple(layer.frozen_weight.shape)
+        self.parts, self.chunk = layer.sharded.parts, layer.sharded.chunk
+        self.to_global = layer.global_indices
+        group = compat.data_parallel_group() if poet.shard_fp32_master else None
+        self.group = group if group is not None and group.size() > 1 else None
+        self.size = self.group.size() if self.group else 1
+        self.rank = self.group.rank() if self.group else 0
+        if self.chunk % self.size:
+            raise ValueError(
+                f"POET layer {layer.name!r}: the fp32 master cannot be split over {self.size} data-parallel ranks: "
+                f"they must divide the per-rank shard {self.chunk}"
+            )
+        self.index = self.rank_index(self.rank)
+
+    def rank_index(self, rank: int) -> torch.Tensor:
+        """Local indices (along :attr:`axis`) held by data-parallel rank ``rank``."""
+        piece = self.chunk // self.size
+        return torch.cat([s * self.chunk + rank * piece + torch.arange(piece) for s in range(self.parts)])
+
+    def empty(self, device) -> torch.Tensor:
+        shape = list(self.shape)
+        shape[self.axis] = self.index.numel()
+        return torch.empty(shape, dtype=torch.float32, device=device)
+
+    def global_rows_and_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global ``A0`` indices of this piece's rows and columns."""
+        full = [torch.arange(n) for n in self.shape]
+        full[self.axis] = self.index
+        return self.to_global(full[0], 0), self.to_global(full[1], 1)
+
+    def gather(self, piece: torch.Tensor) -> torch.Tensor:
+        """The whole local canonical master from every rank's ``piece`` (the piece itself when unsharded)."""
+        if self.group is None:
+            return piece
+        pieces = [torch.empty_like(piece) for _ in range(self.size)]
+        torch.distributed.all_gather(pieces, piece.contiguous(), group=self.group)
+        full = torch.empty(self.shape, dtype=piece.dtype, device=piece.device)
+        for rank, part in enumerate(pieces):
+            full.index_copy_(self.axis, self.rank_index(rank).to(piece.device), part)
+        return full
+
+    def own_part(self, canonical: torch.Tensor) -> torch.Tensor:
+        return canonical if self.group is None else canonical.index_select(self.axis, self.index.to(canonical.device))
+
+
+def to_canonical_state(module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict post hook: ``A0`` un-permuted as ``base_weight``, the sharded permutation in global indices.
+
+    Under DeepSpeed ZeRO-3 this rank holds only a partition of ``A0`` (the state dict
+    carries DeepSpeed's empty placeholder): the state is left as it is, DeepSpeed saves
+    the partitions itself.
+    """
+    if hasattr(module.frozen_weight, "ds_id"):
+        return
+    frozen = state_dict.pop(prefix + "frozen_weight")
+    if module.master is not None and module.master.group is None:
+        state_dict[prefix + "base_weight"] = module.frozen_master.detach()
+    else:
+        out_inv, in_inv = module.output_side.inv_perm, module.input_side.inv_perm
+        state_dict[prefix + "base_weight"] = permuted_copy(frozen.detach(), out_inv, in_inv)
+    key = f"{prefix}{module._sharded_side_name()}.perm"
+    state_dict[key] = module.sharded.to_canonical(state_dict[key])
+
+
+def from_canonical_state(module, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre hook: the inverse of :func:`to_canonical_state` (before the sides load their perms).
+
+    ``base_weight`` is the whole local ``A0`` or, for a data-parallel-sharded master loaded from a
+    sharded checkpoint, this rank's piece of it (gathered here).
+    """
+    key = f"{prefix}{module._sharded_side_name()}.perm"
+    if prefix + "base_weight" not in state_dict or key not in state_dict:
+        return  # strict loading reports the missing keys
+    state_dict[key] = module.sharded.from_canonical(state_dict[key], module.name)
+    out_perm = state_dict[prefix + "output_side.perm"].to(torch.long)
+    in_perm = state_dict[prefix + "input_side.perm"].to(torch.long)
+    base = state_dict.pop(prefix + "base_weight")
+    if module.master is not None:
+        with torch.no_grad():
+            if tuple(base.shape) == module.master.shape:
+                base = base.to(torch.float32)
+                module.frozen_master.copy_(module.master.own_part(base))
+            else:
+                module.frozen_master.copy_(base)
+                base = module.master.gather(module.frozen_master)
+    state_dict[prefix + "frozen_weight"] = permuted_copy(base, out_perm, in_perm)
+    module.initialized = True
+
+
+def sharded_poet_state_dict(module, prefix: str, sharded_offsets: tuple, metadata: dict | None) -> dict:
+    """The layer's ``sharded_state_dict`` (see the module docstring)."""
+    state = module.state_dict(prefix="", keep_vars=True)
+    side = module._sharded_side_name()
+    axis_map = {"base_weight": module.sharded_axis, f"{side}.perm": 0, f"{side}.skew": 0, "frozen_init_sq_norms": 0}
+    if module.column and module.bias is not None:
+        axis_map["bias"] = 0
+    dp_sharded = module.master is not None and module.master.group is not None
+    if dp_sharded:
+        state.pop("base_weight")
+    sharded = compat.make_sharded_tensors_for_checkpoint(
+        state, prefix, axis_map, sharded_offsets, module.tp_group, metadata)
+    if dp_sharded:
+        tp = module.tp_group
+        sharded[prefix + "base_weight"] = compat.tp_and_dp_sharded_tensor(
+            prefix + "base_weight", module.frozen_master, module.sharded_axis, tp.rank(), tp.size(),
+            module.master.rank, module.master.size, sharded_offsets)
+    if module.stride == 2:
+        # MLP splits "weight"/"bias" of a gated linear_fc1 itself; the other sharded keys are ours.
+        for key in ("base_weight", f"{side}.perm", f"{side}.skew", "frozen_init_sq_norms"):
+            sharded[prefix + key] = compat.apply_swiglu_sharded_factory(
+                sharded[prefix + key], sharded_offsets, module.tp_group, metadata)
+    return sharded
