@@ -49,7 +49,7 @@ def nonfinite_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list
 
 
 def describe(found: list[tuple[str, int]], limit: int = 8) -> str:
-    """``"a (3 of them), b (1), ..."`` for messages."""
+    """``"a (3 non-finite), b (1 non-finite) and 4 more"`` for messages."""
     names = [f"{name} ({count} non-finite)" for name, count in found[:limit]]
     more = f" and {len(found) - limit} more" if len(found) > limit else ""
     return ", ".join(names) + more
