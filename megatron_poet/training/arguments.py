@@ -99,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
 
+    g = p.add_argument_group("non-finite guard (see megatron_poet/training/finite.py)")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip the update of an iteration whose loss or global gradient norm is NaN/inf (nothing "
+                        "changes: parameters, optimizer state, LR schedule, POET merges); Megatron-LM's flag")
+    g.add_argument("--max-skipped-iters", type=int, default=10,
+                   help="stop (exit code 3) after this many consecutive skipped iterations: the run has diverged")
+    g.add_argument("--loss-spike-factor", type=float, default=0.0,
+                   help="also skip an iteration whose loss exceeds this multiple (> 1) of the mean loss of the "
+                        "previous --loss-spike-window applied iterations; 0 = off")
+    g.add_argument("--loss-spike-window", type=int, default=100,
+                   help="applied iterations averaged by --loss-spike-factor (checked once that many exist)")
+
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -291,6 +303,10 @@ def validate_args(args: argparse.Namespace) -> None:
          f"need 0 <= --lr-warmup-iters {args.lr_warmup_iters} < --lr-decay-iters {args.lr_decay_iters}")
     need(args.clip_grad >= 0, f"--clip-grad must be >= 0, got {args.clip_grad}")
     need(args.eval_iters >= 0, f"--eval-iters must be >= 0, got {args.eval_iters}")
+    need(args.max_skipped_iters >= 1, f"--max-skipped-iters must be >= 1, got {args.max_skipped_iters}")
+    need(args.loss_spike_factor == 0 or args.loss_spike_factor > 1,
+         f"--loss-spike-factor must be > 1 (or 0 = off), got {args.loss_spike_factor}")
+    need(args.loss_spike_window >= 1, f"--loss-spike-window must be >= 1, got {args.loss_spike_window}")
     need(args.poet_clip_ramp_iters >= 0, f"--poet-clip-ramp-iters must be >= 0, got {args.poet_clip_ramp_iters}")
     if args.mock_data:
         need(not args.data_path, "give either --data-path or --mock-data, not both")

@@ -18,6 +18,10 @@ all of it, so an interrupted run continues bitwise like an uninterrupted one on
 CPU. Loading with another tensor-/pipeline-/data-parallel layout (or other virtual
 pipeline stages) restores everything but the per-rank RNG states (dist_checkpointing
 reshards the tensors).
+
+Loading never unpickles arbitrary objects (:mod:`megatron_poet.safe_loading`): the small files
+are examined before any work (:func:`check_checkpoint_args`), and everything is read with
+weights-only ``torch.load`` and a restricted unpickler for the tensor index.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import shutil
 
 import numpy as np
 import torch
+
+from megatron_poet.safe_loading import check_dist_checkpoint, restricted_loading
 
 MARKER = "latest_checkpointed_iteration.txt"
 
@@ -198,14 +204,25 @@ def save_checkpoint(args, iteration: int, consumed_samples: int, model_chunks, o
     return path
 
 
+def read_common_state(path: str) -> dict:
+    """The non-sharded state of checkpoint directory ``path`` (``common.pt``), read safely.
+
+    Raises :class:`~megatron_poet.safe_loading.UnsafeFileError` for a file that is not plain data.
+    """
+    from megatron.core import dist_checkpointing
+
+    check_dist_checkpoint(path)
+    with restricted_loading(f"checkpoint {path}"):
+        return dist_checkpointing.load_common_state_dict(path)
+
+
 def check_checkpoint_args(args: argparse.Namespace) -> int | None:
     """Before any work: the ``--load`` checkpoint's model shape must match the command line.
 
     Returns the iteration that will be loaded (``None``: nothing to load, fresh start).
-    Raises :class:`CheckpointError` listing every mismatching flag.
+    Raises :class:`CheckpointError` listing every mismatching flag, or
+    :class:`~megatron_poet.safe_loading.UnsafeFileError` for a file that is not plain data.
     """
-    from megatron.core import dist_checkpointing
-
     if not args.load:
         return None
     iteration = latest_iteration(args.load)
@@ -220,7 +237,7 @@ def check_checkpoint_args(args: argparse.Namespace) -> int | None:
     if args.deepspeed or deepspeed_checkpoint.is_deepspeed_checkpoint(path):
         saved = deepspeed_checkpoint.saved_args_for_resume(args, path)
     else:
-        saved = dist_checkpointing.load_common_state_dict(path)["args"]
+        saved = read_common_state(path)["args"]
     ours = shape_args(args)
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, command line {ours[k]!r}"
              for k in SHAPE_ARGS if saved.get(k) != ours[k]]
@@ -256,13 +273,14 @@ def load_checkpoint(args, model_chunks, optimizer, merge_scheduler) -> tuple[int
     if iteration is None:
         return 0, 0
     path = checkpoint_dir(args.load, iteration)
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = read_common_state(path)
     sizes, _ = _layout()
     same_layout = tuple(common["layout"]) == sizes
     _warn_if_vocab_padding_differs(args, common["args"])
     template = _state_dict(args, model_chunks, optimizer, is_loading=True, with_rng=same_layout,
                            sharding_type=common["optimizer_sharding_type"])
-    state = dist_checkpointing.load(template, path)
+    with restricted_loading(f"checkpoint {path}"):
+        state = dist_checkpointing.load(template, path)
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
         _unwrap(chunk).load_state_dict(state[key])
     if merge_scheduler is not None:

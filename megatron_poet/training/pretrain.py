@@ -16,9 +16,12 @@ from typing import Iterator
 
 import torch
 
+from megatron_poet.safe_loading import UnsafeFileError
+
 from .arguments import ArgumentError, parse_args
 from .checkpointing import CheckpointError, check_checkpoint_args
 from .engine import build_engine
+from .finite import EXIT_DIVERGED, TrainingDiverged
 from .logging import TrainingLogger
 from .model_provider import build_model_chunks, padded_vocab_size
 from .process import (output_on_rank_zero_only, prepare_training_process, rank_from_env,
@@ -64,7 +67,8 @@ def _iterate(loader) -> Iterator[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the program; returns the exit code (2: bad input, reported once; 130: interrupted during set-up)."""
+    """Run the program; returns the exit code (2: bad input, reported once; 3: the run diverged (see
+    :mod:`.finite`); 130: interrupted during set-up)."""
     prepare_training_process()
     try:
         return _run(argv)
@@ -111,7 +115,12 @@ def _run(argv: list[str] | None) -> int:
         # before ZeRO-3 partitions them
         n_params = sum(p.numel() for chunk in model_chunks for p in chunk.parameters() if p.requires_grad)
         engine = build_engine(args, model_chunks)
-        state = engine.load_checkpoint()
+        try:
+            state = engine.load_checkpoint()
+        except (CheckpointError, UnsafeFileError) as e:  # every rank refuses an unsafe file alike
+            if torch.distributed.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
         iteration, consumed = state.iteration, state.consumed_samples
         logger = TrainingLogger(args, vocab, iteration)
         logger.print(
@@ -133,10 +142,16 @@ def _run(argv: list[str] | None) -> int:
         def make_valid_iterator():
             return _iterate(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size))
 
-        train(args, engine, _iterate(train_loader), make_valid_iterator if valid_ds is not None else None, state,
-              logger)
+        try:
+            train(args, engine, _iterate(train_loader), make_valid_iterator if valid_ds is not None else None, state,
+                  logger)
+        except TrainingDiverged as e:  # every rank raises it at the same point
+            if torch.distributed.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return EXIT_DIVERGED
+        finally:
+            logger.close()
         logger.summary(state.iteration, state.consumed_samples)
-        logger.close()
         return 0
     finally:
         destroy_distributed()

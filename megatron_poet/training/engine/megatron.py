@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from megatron_poet.megatron.optimizer_state import leaf_optimizers
+
 from ..checkpointing import load_checkpoint, save_checkpoint
 from ..optimizer import MegatronTrainingOptimizer
 from .base import BatchLoss, StepResult, TrainingEngine, TrainingState, forward_step, num_microbatches, reduce_loss
@@ -89,8 +91,8 @@ class MegatronEngine(TrainingEngine):
     def eval_batch(self, data_iterator: Iterator[dict]) -> BatchLoss | None:
         return self._run_schedule(data_iterator, forward_only=True)
 
-    def step(self) -> StepResult:
-        return StepResult(*self.optimizer.step())
+    def step(self, skip: bool = False) -> StepResult:
+        return StepResult(*self.optimizer.step(skip))
 
     def reset_poet_state(self, params: list[nn.Parameter]) -> None:
         self.optimizer.reset_poet_state(params)
@@ -100,6 +102,9 @@ class MegatronEngine(TrainingEngine):
 
     def set_clip_scale(self, scale: float) -> None:
         self.optimizer.set_clip_scale(scale)
+
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [leaf.optimizer for leaf in leaf_optimizers(self.optimizer.optimizer)]
 
     def save_checkpoint(self, state: TrainingState) -> str:
         return save_checkpoint(self.args, state.iteration, state.consumed_samples, self.ddp_chunks, self.optimizer,
