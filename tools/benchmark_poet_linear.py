@@ -10,7 +10,8 @@ measures Python, not kernels). ``--shapes``/``--tokens``/``--block-size`` overri
 Each measurement is one ``y = layer(x); y.backward(dy)`` step, including the
 Cayley–Neumann construction of the blocks. The methods take turns step by step
 (``--reps`` rounds after ``--warmup``), so a machine whose speed drifts slows all of them
-alike. Reported: median ms, ratio to nn.Linear, achieved TFLOP/s and peak memory above the
+alike. Reported: median ms, ratio to nn.Linear, achieved TFLOP/s, the FLOP floor (the method's
+FLOPs / nn.Linear's: the time ratio at equal FLOP efficiency) and peak memory above the
 resident tensors (GPU only). ``--compare-checkout DIR`` adds the POET rows of another
 checkout of this repository (e.g. the previous commit) to the same run.
 
@@ -129,8 +130,8 @@ def run(args) -> None:
     hw = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {hw}, torch {torch.__version__}, dtype {dtype}, b={b}, k={args.neumann_terms}, "
           f"median of {args.reps} interleaved rounds after {args.warmup} warmup")
-    print("| d_in -> d_out | tokens | method | ms | x nn.Linear | TFLOP/s | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| d_in -> d_out | tokens | method | ms | x nn.Linear | TFLOP/s | FLOP floor x nn.Linear | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for d_in, d_out in shapes:
         for n_tokens in tokens:
@@ -157,7 +158,7 @@ def run(args) -> None:
                 ms = statistics.median(timer.times)
                 peak = "n/a" if timer.peak != timer.peak else f"{timer.peak:.0f}"  # nan on CPU
                 print(f"| {d_in} -> {d_out} | {n_tokens} | {name} | {ms:.3f} | {ms / base_ms:.2f} | "
-                      f"{f / ms / 1e9:.3g} | {peak} |", flush=True)
+                      f"{f / ms / 1e9:.3g} | {f / flops[0]:.2f} | {peak} |", flush=True)
 
 
 def main() -> None:
