@@ -34,12 +34,13 @@ the kernel tests in the Triton interpreter); tests/test_gpu_report.py runs it. N
 stages 3-4 train on megatron's mock data.
 
     python tools/gpu_report.py                     # on the GPU machine (after tools/prepare_gpu_wheels.sh here)
-    python tools/gpu_report.py --stages memory     # one stage again
+    python tools/gpu_report.py --stages memory --timeout memory=300   # one stage again, with more time
     python tools/gpu_report.py --dry-run --output /tmp/report.md
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import glob
 import importlib.util
@@ -338,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, few iterations (the test's run)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--output", help="Markdown file (default: $OUT/gpu_report.md, else runs/gpu_report.md)")
+    parser.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
+                        help="override a stage's time limit (repeatable), e.g. --timeout layer=120")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -349,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run on the GPU machine, or --dry-run for the CPU rehearsal")
     config = DRY_RUN if args.dry_run else GPU
+    try:
+        overrides = {stage: float(seconds) for stage, seconds in (t.split("=") for t in args.timeout)}
+    except ValueError:
+        parser.error(f"--timeout takes STAGE=SECONDS, got {args.timeout}")
+    if set(overrides) - set(STAGES):
+        parser.error(f"--timeout: unknown stage(s) {', '.join(sorted(set(overrides) - set(STAGES)))}")
+    config = dataclasses.replace(config, timeouts={**config.timeouts, **overrides})
     output = args.output or os.path.join(os.environ["OUT"] if os.environ.get("OUT") else os.path.join(ROOT, "runs"),
                                          "gpu_report.md")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

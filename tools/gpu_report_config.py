@@ -53,7 +53,8 @@ GPU = Config(
     pytest=["tests/test_kernels.py"] + (["-n", "8"] if importlib.util.find_spec("xdist") else []),
     layer=["--shapes", "4096x4096", "4096x14336", "14336x4096", "--tokens", "2048", "--block-size", "256",
            "--dtype", "bf16", "--warmup", "5", "--reps", "20"],
-    memory_models=(MemoryModel("Llama-8B", _8B, 32, (2, 4), headline=True), MemoryModel("Llama-1B", _1B, 16, (16,))),
+    memory_models=(MemoryModel("Llama-8B", _8B, 32, (2, 4), headline=True),
+                   MemoryModel("Llama-1B", _1B, 16, (16,))),
     memory_methods=("AdamW", "POET fast", "POET mem"),
     memory_flags=_MOCK_LLAMA_VOCAB + _GPU_RUN + ["--seq-length", "1024", "--micro-batch-size", "1",
                                                  "--global-batch-size", "1", "--train-iters", "3",
@@ -67,7 +68,7 @@ GPU = Config(
                                                          "--global-batch-size", "8", "--train-iters", "20",
                                                          "--log-interval", "10"],
     training_methods=("POET fast", "AdamW"),
-    timeouts={"setup": 20, "tests": 90, "layer": 70, "memory": 210, "training": 90},
+    timeouts={"setup": 30, "tests": 85, "layer": 65, "memory": 210, "training": 90},
     run_timeout=60,
 )
 _TINY = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
@@ -79,7 +80,8 @@ DRY_RUN = Config(
     pytest=["tests/test_kernels.py", "-k", "float32-32-2"],
     layer=["--cpu", "--threads", "1", "--shapes", "64x64", "64x128", "128x64", "--tokens", "64", "--block-size", "16",
            "--dtype", "fp32", "--warmup", "1", "--reps", "2"],
-    memory_models=(MemoryModel("tiny 8B stand-in", _TINY, 4, (1, 2), headline=True), MemoryModel("tiny 1B stand-in", _TINY, 2, (2,))),
+    memory_models=(MemoryModel("tiny 8B stand-in", _TINY, 4, (1, 2), headline=True),
+                   MemoryModel("tiny 1B stand-in", _TINY, 2, (2,))),
     memory_methods=("AdamW", "POET mem"),
     memory_flags=_CPU_RUN + ["--global-batch-size", "1", "--train-iters", "2", "--log-interval", "2"],
     memory_warmup=False,  # no autotuning: the interpreter has one config, and these runs use no kernels
