@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 PROGRAM = "megatron_poet.training.pretrain"
 REPORTED_ERROR = 2  # the program's exit code for bad input it has printed (on rank 0)
+DIVERGED = 3  # ... for a diverged run it has stopped and reported (training/finite.py: EXIT_DIVERGED)
 FAILURE_GRACE_S = 5.0  # after a rank fails, the others' collectives fail too: time to exit on their own
 STOP_GRACE_S = 120.0  # after a signal, once one rank has exited (saved), the time the others get
 DEFAULT_MULTI_NODE_PORT = 29500
@@ -227,7 +228,7 @@ def _report(stop: int | None, forced: bool, failure: tuple[int, int] | None) -> 
     if failure is None:
         return 0
     rank, code = failure
-    if code == REPORTED_ERROR:
+    if code in (REPORTED_ERROR, DIVERGED):
         return code
     what = f"exited with code {code}" if code > 0 else f"was killed by {signal.Signals(-code).name}"
     hint = " (out of memory?)" if code == -signal.SIGKILL else ""

@@ -170,8 +170,9 @@ def test_export_from_zero_checkpoints(zero_run, megatron_run, tmp_path):
     """A ZeRO-3 checkpoint (partitioned A0) and a ZeRO-1 one (whole model in one file) export to
     Hugging Face with POET folded: the exported weights are the in-memory dense ``P A0 R`` at save
     time exactly, and the logits match the export of the megatron engine's run of the same model
-    and data (tolerance 2e-5 on logits of size ~1.6: the runs' weights differ only by the rounding of
-    4 differently-ordered gradient sums; measured 1.5e-6)."""
+    and data (tolerance 1e-4 on logits of size ~1.6: the runs' weights differ only by the rounding of
+    4 differently-ordered gradient sums, which Adam's normalized steps amplify; measured 2026-12-03
+    over seeds 1234, 7, 3, 11 with 1 and 2 permutation groups: 1e-6 to 3.5e-5 for ZeRO-3)."""
     from safetensors.torch import load_file
 
     from megatron_poet.export.from_checkpoint import convert_checkpoint
@@ -189,7 +190,7 @@ def test_export_from_zero_checkpoints(zero_run, megatron_run, tmp_path):
             assert torch.equal(weights[f"model.layers.{i}.mlp.down_proj.weight"], dense[f"decoder.layers.{i}.mlp.linear_fc2"])
             assert torch.equal(weights[f"model.layers.{i}.self_attn.o_proj.weight"],
                                dense[f"decoder.layers.{i}.self_attention.linear_proj"])
-        assert (_hf_logits(str(tmp_path / f"zero{stage}")) - expected).abs().max() < 2e-5
+        assert (_hf_logits(str(tmp_path / f"zero{stage}")) - expected).abs().max() < 1e-4
 
 
 def test_no_poet_gpt2_baseline_under_zero3(data, extensions_dir, stage_flags, tmp_path):

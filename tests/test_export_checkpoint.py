@@ -245,9 +245,9 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
     _fake_checkpoint(ckpt)
     with open(ckpt / ".metadata", "wb") as f:  # the tensor index, normally read with plain pickle.load
         pickle.dump(_Exploit(pwned), f)
-    with pytest.raises(CheckpointReadError, match="refusing to unpickle"):
+    with pytest.raises(CheckpointReadError, match=r"refusing to load .*\.metadata .*posix\.system"):
         read_tensor_shapes(str(ckpt))
     torch.save({"args": _Exploit(pwned)}, ckpt / "common.pt")  # the common state, read with torch.load
-    with pytest.raises(CheckpointReadError, match="Weights only load failed|weights_only"):
+    with pytest.raises(CheckpointReadError, match=r"refusing to load .*common\.pt: it references posix\.system"):
         read_common_state(str(ckpt))
     assert not pwned.exists()

@@ -85,7 +85,7 @@ def inventory(args, vocab_size: int) -> tuple[int, int]:
     from megatron_poet.training.model_provider import padded_vocab_size
 
     frozen = trainable = 0
-    for _, d_in, d_out, _ in linear_shapes(args):
+    for _, d_in, d_out, _, _ in linear_shapes(args):
         if args.poet:
             frozen += d_in * d_out
             b = args.poet_block_size

@@ -11,7 +11,8 @@ generation_config.json, model.safetensors (sharded with model.safetensors.index.
 --max-shard-size) and the training tokenizer, loadable with
 transformers.AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained.
 Llama-style runs (RMSNorm, SwiGLU, RoPE) become LlamaForCausalLM, GPT-2-style runs
-(LayerNorm, GeLU, learned positions) GPT2LMHeadModel. Nothing is unpickled beyond plain data.
+(LayerNorm, GeLU, learned positions) GPT2LMHeadModel. Nothing is unpickled beyond plain data, and a
+checkpoint holding NaN or inf values is refused (naming the tensors) unless --allow-non-finite.
 """
 import argparse
 import os
@@ -39,11 +40,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-size", default="5GB",
                         help="shard model.safetensors above this size (e.g. 5GB, 500MB)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="export even if the checkpoint holds NaN/inf values (refused by default)")
     args = parser.parse_args(argv)
     try:
         result = convert_checkpoint(args.load, args.output, iteration=args.iteration, dtype=args.dtype,
                                     tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
-                                    progress=args.progress)
+                                    progress=args.progress, allow_non_finite=args.allow_non_finite)
     except (CheckpointReadError, UnsupportedModelError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,11 +6,19 @@ Each sample is a dict of torch tensors (megatron-core GPTDataset): "tokens" and 
 int64 (labels = tokens shifted by one: the dataset reads s + 1 tokens), "loss_mask" (s,)
 float, "position_ids" (s,) int64 and, when create_attention_mask, "attention_mask" (1, s, s)
 bool with True = masked.
+
+megatron-core caches the sample indices as ``.npy`` files beside the data (or under
+``path_to_cache``); they are read with ``allow_pickle=False``
+(:func:`megatron_poet.safe_loading.restricted_loading`) while the datasets are built, so a
+swapped cache file cannot run code (megatron's ``defer_npy_index_mmap``, which would read
+them later, stays off).
 """
 import contextlib
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from megatron_poet.safe_loading import UnsafeFileError, restricted_loading
 
 from .validation import DataError, check_indexed_dataset
 
@@ -116,7 +124,7 @@ def build_train_valid_test_datasets(
         (train, valid, test); an entry is None when its split is empty.
     Raises:
         DataError for missing/corrupt data, a tokenizer smaller than the data's ids, a split
-        with no documents, or inconsistent arguments.
+        with no documents, inconsistent arguments, or a cached index holding pickled objects.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder)
@@ -149,5 +157,9 @@ def build_train_valid_test_datasets(
         MockGPTDataset if mock else GPTDataset, list(num_samples),
         is_built_on_rank or (lambda: True), config)
     needs_group = blend is not None and len(blend[0]) > 1 and path_to_cache is not None
-    with _process_group_for_build() if needs_group else contextlib.nullcontext():
-        return tuple(builder.build())
+    try:
+        with restricted_loading("the dataset index cache"), \
+                _process_group_for_build() if needs_group else contextlib.nullcontext():
+            return tuple(builder.build())
+    except UnsafeFileError as err:
+        raise DataError(f"{err} Delete that file: megatron-core rebuilds its index cache.") from None

@@ -136,7 +136,8 @@ def load_hf_tokenizer(path: str, eod_token: Optional[str] = None) -> HFTokenizer
 
     A directory with tokenizer.json is read with `tokenizers` directly (its tokenizer_config.json,
     if any, names the eos/pad tokens); any other directory (vocab.json + merges.txt, ...) goes
-    through `transformers.AutoTokenizer(local_files_only=True)` and must have a fast backend.
+    through `transformers.AutoTokenizer(local_files_only=True)` (under
+    `megatron_poet.safe_loading.restricted_loading`: nothing is unpickled) and must have a fast backend.
 
     Args:
         path: tokenizer.json file or tokenizer directory.
@@ -161,7 +162,10 @@ def load_hf_tokenizer(path: str, eod_token: Optional[str] = None) -> HFTokenizer
         else:
             from transformers import AutoTokenizer
 
-            hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            from megatron_poet.safe_loading import restricted_loading
+
+            with restricted_loading(f"tokenizer {path}"):  # whatever files its tokenizer class reads
+                hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
             backend = getattr(hf, "backend_tokenizer", None)
             if backend is None:
                 raise ValueError(f"tokenizer {path} has no fast (Rust) backend; convert it to a "

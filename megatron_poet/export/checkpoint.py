@@ -2,32 +2,20 @@
 
 A torch_dist checkpoint directory holds ``metadata.json`` (JSON), ``common.pt``
 (the non-sharded state, written by ``torch.save``), ``.metadata`` (the tensor
-index, written by ``pickle.dump``) and ``*.distcp`` files (raw tensor bytes;
-torch reads embedded objects with ``torch.load(weights_only=True)``).
-
-Two of those would otherwise be unpickled with full power (a checkpoint from an
-untrusted source could run arbitrary code on load):
-
-- ``.metadata`` is read by torch's ``FileSystemReader`` with plain ``pickle.load``:
-  :func:`safe_unpickling` swaps in :class:`_RestrictedUnpickler`, which only
-  resolves the plain-data classes a checkpoint index consists of;
-- ``common.pt`` is read by megatron with ``torch.load`` and no ``weights_only``
-  argument (whose default depends on the torch version and the
-  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` environment variable): it is forced to
-  ``weights_only=True``.
+index, written by ``pickle.dump``) and ``*.distcp`` files (raw tensor bytes and
+objects written by ``torch.save``). Everything is read inside
+:func:`megatron_poet.safe_loading.restricted_loading` (weights-only ``torch.load``,
+a restricted unpickler for the index), after :func:`~megatron_poet.safe_loading.check_dist_checkpoint`
+has examined the small files: a checkpoint from an untrusted source cannot run code.
 """
 from __future__ import annotations
 
-import contextlib
-import enum
-import functools
-import io
 import os
-import pickle
-import types
 
 import torch
 
+from megatron_poet.safe_loading import UnsafeFileError, restricted_loading
+from megatron_poet.training import checkpointing
 from megatron_poet.training.checkpointing import MARKER, CheckpointError, checkpoint_dir, latest_iteration
 from megatron_poet.training.engine.deepspeed_checkpoint import is_deepspeed_checkpoint
 
@@ -81,101 +69,18 @@ def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, in
     return path, iteration
 
 
-def _allowed_global(module: str, name: str):
-    """The object a checkpoint index may reference, or ``None``.
-
-    Allowed: ``torch.Size``, torch dtypes / layouts / memory formats, torch's
-    layout decoder, ``collections.OrderedDict``, and the dataclasses and enums
-    of torch's distributed-checkpoint metadata. None of them runs code beyond
-    building plain data.
-    """
-    if (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                          ("collections", "OrderedDict")}:
-        return getattr(__import__(module, fromlist=[name]), name)
-    if module == "torch":
-        value = getattr(torch, name, None)
-        return value if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)) else None
-    if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                  "torch.distributed.checkpoint.filesystem"):
-        value = getattr(__import__(module, fromlist=[name]), name, None)
-        is_data = isinstance(value, type) and (
-            issubclass(value, enum.Enum) or hasattr(value, "__dataclass_fields__"))
-        return value if is_data else None
-    return None
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only :func:`_allowed_global` objects."""
-
-    def find_class(self, module: str, name: str):
-        value = _allowed_global(module, name)
-        if value is None:
-            raise CheckpointReadError(
-                f"checkpoint index references {module}.{name}, which is not plain checkpoint metadata; "
-                f"refusing to unpickle it (the checkpoint may be corrupt or unsafe)")
-        return value
-
-
-def _restricted_pickle_module() -> types.ModuleType:
-    """A stand-in for the ``pickle`` module whose ``load``/``loads`` are restricted."""
-    module = types.ModuleType("restricted_pickle")
-    module.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
-    module.load = lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load()
-    module.loads = lambda data, **kwargs: _RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
-    module.Unpickler = _RestrictedUnpickler
-    return module
-
-
-def _weights_only_torch() -> types.ModuleType:
-    """A stand-in for the ``torch`` module whose ``load`` always uses ``weights_only=True``."""
-    proxy = types.ModuleType("torch_weights_only")
-    proxy.__getattr__ = lambda name: getattr(torch, name)
-
-    @functools.wraps(torch.load)
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return torch.load(*args, **kwargs)
-
-    proxy.load = load
-    return proxy
-
-
-@contextlib.contextmanager
-def safe_unpickling():
-    """Within this block, megatron / torch checkpoint readers never unpickle arbitrary objects.
-
-    Swaps the ``pickle`` module seen by torch's distributed-checkpoint file reader
-    and the ``torch`` module seen by megatron's common-state loader (module globals,
-    restored on exit; nothing else in the process is affected).
-    """
-    from megatron.core.dist_checkpointing.strategies import common
-    from megatron.core.msc_utils import MultiStorageClientFeature
-    from torch.distributed.checkpoint import filesystem
-
-    if MultiStorageClientFeature.is_enabled():
-        # Its readers (msc.torch.load) bypass the module globals swapped below.
-        raise CheckpointReadError("megatron's multi-storage client is enabled; disable it to convert safely")
-    saved = filesystem.pickle, common.torch
-    filesystem.pickle, common.torch = _restricted_pickle_module(), _weights_only_torch()
-    try:
-        yield
-    finally:
-        filesystem.pickle, common.torch = saved
-
-
 def _read_error(path: str, err: Exception) -> CheckpointReadError:
     if isinstance(err, CheckpointReadError):
         return err
+    if isinstance(err, UnsafeFileError):
+        return CheckpointReadError(str(err))
     return CheckpointReadError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}")
 
 
 def read_common_state(path: str) -> dict:
-    """The non-sharded part of a checkpoint (``common.pt``), loaded with ``weights_only=True``."""
-    from megatron.core import dist_checkpointing
-
+    """The non-sharded part of a checkpoint (``common.pt``), read safely (see the module docstring)."""
     try:
-        with safe_unpickling():
-            return dist_checkpointing.load_common_state_dict(path)
+        return checkpointing.read_common_state(path)
     except Exception as err:  # any failure here means an unreadable checkpoint
         raise _read_error(path, err) from err
 
@@ -185,7 +90,7 @@ def read_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     from megatron.core import dist_checkpointing
 
     try:
-        with safe_unpickling():
+        with restricted_loading(f"checkpoint {path}"):
             metadata = dist_checkpointing.load_tensors_metadata(path)
     except Exception as err:
         raise _read_error(path, err) from err
@@ -205,7 +110,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
 
     sharded = {"model": model.sharded_state_dict()}
     try:
-        with safe_unpickling():
+        with restricted_loading(f"checkpoint {path}"):
             available = load_sharded_metadata(path)
     except Exception as err:
         raise _read_error(path, err) from err
@@ -217,7 +122,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
             f"checkpoint {path} lacks tensors of the model built from its own arguments: "
             f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
     try:
-        with safe_unpickling():
+        with restricted_loading(f"checkpoint {path}"):
             state = dist_checkpointing.load(sharded, path)
     except Exception as err:
         raise _read_error(path, err) from err

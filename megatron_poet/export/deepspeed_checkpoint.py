@@ -5,37 +5,23 @@
 - ZeRO-3: every parameter is partitioned, ``A0`` included; DeepSpeed's own
   ``zero_to_fp32`` reassembles them (trainable parameters from the fp32 optimizer
   partitions, frozen ones from the per-rank fragments, buffers from the model states).
-  Its file reads go through :func:`~megatron_poet.training.engine.deepspeed_checkpoint.safe_load`.
+  Its file reads, like the model-state read of ZeRO-1/2, happen inside
+  :func:`~megatron_poet.training.engine.deepspeed_checkpoint.reading` (plain data only), after
+  :func:`~megatron_poet.training.engine.deepspeed_checkpoint.check_files` examined every file.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
-import types
 
 import torch
 
+from megatron_poet.safe_loading import UnsafeFileError
 from megatron_poet.training.engine.deepspeed import import_deepspeed
-from megatron_poet.training.engine.deepspeed_checkpoint import read_common, safe_load
+from megatron_poet.training.engine.deepspeed_checkpoint import check_files, read_common, reading
 
 from .checkpoint import CheckpointReadError
-
-
-@contextlib.contextmanager
-def _safe_zero_to_fp32():
-    """DeepSpeed's ``zero_to_fp32`` module with its ``torch.load`` calls routed to :func:`safe_load`."""
-    from deepspeed.utils import zero_to_fp32
-
-    proxy = types.ModuleType("torch_safe_load")
-    proxy.__getattr__ = lambda name: getattr(torch, name)
-    proxy.load = lambda f, map_location=None, **kwargs: safe_load(f, map_location)
-    saved, zero_to_fp32.torch = zero_to_fp32.torch, proxy
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints what it reassembled
-            yield zero_to_fp32
-    finally:
-        zero_to_fp32.torch = saved
 
 
 def read_model_state(path: str) -> dict[str, torch.Tensor]:
@@ -45,11 +31,16 @@ def read_model_state(path: str) -> dict[str, torch.Tensor]:
     except ImportError:
         raise CheckpointReadError('reading a DeepSpeed checkpoint needs deepspeed: pip install -e ".[deepspeed]"') \
             from None
-    if read_common(path)["zero_stage"] < 3:
-        return safe_load(os.path.join(path, "mp_rank_00_model_states.pt"))["module"]
-    with _safe_zero_to_fp32() as zero_to_fp32:
-        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(os.path.normpath(path)),
-                                                                     tag=os.path.basename(os.path.normpath(path)))
+    stage = read_common(path)["zero_stage"]
+    check_files(path)
+    with reading(path):
+        if stage < 3:
+            return torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu")["module"]
+        from deepspeed.utils import zero_to_fp32
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints what it reassembled
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(os.path.normpath(path)),
+                                                                         tag=os.path.basename(os.path.normpath(path)))
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
@@ -58,6 +49,8 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
         state = read_model_state(path)
     except CheckpointReadError:
         raise
+    except UnsafeFileError as err:
+        raise CheckpointReadError(str(err)) from None
     except Exception as err:  # any failure here means an unreadable checkpoint
         raise CheckpointReadError(f"cannot read DeepSpeed checkpoint {path}: {type(err).__name__}: {err}") from err
     model.load_state_dict(state)

@@ -9,7 +9,8 @@ Steps (single process, CPU, whatever TP size the run used):
 3. load the model tensors with ``dist_checkpointing`` (which reshards TP>1 -> 1),
    or, for a DeepSpeed-engine checkpoint (any ZeRO stage), with
    :mod:`.deepspeed_checkpoint`;
-4. fold POET layers, map names and layouts, write the Hugging Face files.
+4. refuse non-finite tensors (a diverged run's checkpoint) unless told otherwise;
+5. fold POET layers, map names and layouts, write the Hugging Face files.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from ..poet.linear import POETModule
 from ..training.checkpointing import SHAPE_ARGS
 from ..training.engine.deepspeed_checkpoint import is_deepspeed_checkpoint, read_common
+from ..training.finite import describe, nonfinite_tensors
 
 from . import deepspeed_checkpoint
 from .checkpoint import CheckpointReadError, load_model_weights, read_common_state, read_tensor_shapes, resolve_checkpoint
@@ -72,6 +74,7 @@ def run_arguments(saved: dict) -> tuple[argparse.Namespace, dict]:
     vars(args).update(saved)
     # One unsharded copy in this process, in fp32: folding P A0 R must not round to half precision.
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    args.virtual_pipeline_model_parallel_size = None
     args.sequence_parallel = False
     args.bf16 = False
     args.world_size = 1
@@ -104,9 +107,18 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def _check_finite(model, path: str) -> None:
+    found = nonfinite_tensors((*model.named_parameters(), *model.named_buffers()))
+    if found:
+        raise CheckpointReadError(
+            f"{path} holds non-finite values (NaN/inf) in {len(found)} tensors: {describe(found)}; it comes from a "
+            f"diverged run: export an earlier checkpoint (--iteration N), or pass --allow-non-finite to export it "
+            f"anyway")
+
+
 def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, dtype: str = "fp32",
                        tokenizer: str | None = None, max_shard_size: str | int = "5GB",
-                       progress: bool = True) -> ConversionResult:
+                       progress: bool = True, allow_non_finite: bool = False) -> ConversionResult:
     """Convert a training checkpoint to a Hugging Face directory (see the module docstring).
 
     Args:
@@ -117,8 +129,10 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
         tokenizer: tokenizer to ship instead of the one the run recorded.
         max_shard_size: shard the safetensors above this size.
         progress: tqdm progress bars.
+        allow_non_finite: export even if the checkpoint's tensors hold NaN or inf.
     Raises:
-        CheckpointReadError: unreadable / incomplete checkpoint, missing tokenizer.
+        CheckpointReadError: unreadable / incomplete / unsafe checkpoint, non-finite tensors
+            (unless ``allow_non_finite``), missing tokenizer.
         UnsupportedModelError: a model option Hugging Face cannot reproduce.
     """
     import torch
@@ -154,6 +168,8 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
         model = build_model(args, padded_vocab).eval()
         poet_layers = sum(isinstance(m, POETModule) for m in model.modules())
         (deepspeed_checkpoint.load_model_weights if deepspeed else load_model_weights)(model, path)
+        if not allow_non_finite:
+            _check_finite(model, path)
         spec = export_gpt_model(model, output, tokenizer=token_info, dtype=dtype,
                                 max_shard_size=max_shard_size, progress=progress)
     finally:

@@ -282,13 +282,15 @@ def initialize_distributed(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 10,
+    virtual_pipeline_model_parallel_size: int | None = None,
 ) -> str:
     """Set up ``torch.distributed``, megatron's parallel state and its RNG tracker.
 
     Reads ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (as set by
     torchrun). Uses nccl with one GPU per local rank when CUDA is available,
     otherwise installs the CPU backend and uses gloo. The data-parallel size is
-    ``world_size / (tp * pp)``. Returns the backend name.
+    ``world_size / (tp * pp)``; ``virtual_pipeline_model_parallel_size`` is the number of model
+    chunks per pipeline rank of the interleaved schedule (``None``: one). Returns the backend name.
     """
     cpu = use_cpu_backend_if_no_cuda()
     backend = "gloo" if cpu else "nccl"
@@ -314,6 +316,7 @@ def initialize_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
     model_parallel_cuda_manual_seed(seed)
     return backend

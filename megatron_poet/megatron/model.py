@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from ..poet.config import POETConfig
 from . import compat
 from .layers import _POETParallelLinear
+from .layout_free_init import global_names, recording_init_methods, redraw_parameters
 from .sharding import ShardedDimension, mix_seed
 from .spec import gpt_block_spec
 
@@ -91,37 +91,39 @@ def initialize_poet_layers(model: torch.nn.Module, seed: int) -> int:
     """Draw ``A0`` and the permutations of every POET layer from ``(seed, layer identity)``.
 
     The identity is the module path with the transformer layer's *global*
-    ``layer_number`` in place of its stage-local index, so it depends on neither
-    the TP nor the PP layout. Returns the number of POET layers initialized.
+    ``layer_number`` in place of its stage-local index (:func:`.layout_free_init.global_names`),
+    so it depends on neither the TP nor the PP layout. It is also stored as the layer's
+    ``identity``, from which :class:`~megatron_poet.poet.optim.MergeScheduler` seeds its merges.
+    Returns the number of POET layers initialized.
     """
-    layer_prefixes = {
-        name: module.layer_number for name, module in model.named_modules() if isinstance(module, TransformerLayer)
-    }
+    name_of = global_names(model)
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, _POETParallelLinear):
-            owner = max((p for p in layer_prefixes if name.startswith(p + ".")), key=len, default=None)
-            identity = name if owner is None else f"layer{layer_prefixes[owner]}{name[len(owner):]}"
-            module.initialize(mix_seed(seed, identity))
+            module.identity = name_of(name)
+            module.initialize(mix_seed(seed, module.identity))
             count += 1
     return count
 
 
 def _build(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int, seed: int,
-    backend: str, **gpt_kwargs,
+    backend: str, vp_stage: int | None, **gpt_kwargs,
 ) -> GPTModel:
     compat.check_version()
     validate_model_config(config, poet, vocab_size)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=gpt_block_spec(config, poet, backend),
-        vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        **gpt_kwargs,
-    )
+    with recording_init_methods(config):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=gpt_block_spec(config, poet, backend),
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+            **gpt_kwargs,
+        )
+    redraw_parameters(model, seed)
     if poet is not None:
         initialize_poet_layers(model, seed)
     return model
@@ -129,7 +131,7 @@ def _build(
 
 def build_llama_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
-    seed: int = 1234, backend: str = "auto", rotary_base: int = 10000,
+    seed: int = 1234, backend: str = "auto", rotary_base: int = 10000, vp_stage: int | None = None,
 ) -> GPTModel:
     """Llama-style GPTModel (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings, no biases).
 
@@ -137,24 +139,27 @@ def build_llama_model(
         config: from :func:`llama_config` (checked for the Llama-style fields).
         poet: POET options of the four linears per layer, or None for Megatron's linears.
         vocab_size, max_sequence_length: as GPTModel.
-        seed: seed of the POET ``A0`` and permutations (Megatron's own init uses its RNG tracker).
+        seed: every initial tensor is drawn from ``(seed, its global name)``: the same model at any
+            TP/PP/virtual-PP/DP layout (:mod:`.layout_free_init`).
         backend: "auto", "local" or "te" (see :mod:`.spec`).
+        vp_stage: this chunk's virtual pipeline stage (``None`` without virtual pipelining).
     """
     expected = dict(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False)
     wrong = [f"{k}={getattr(config, k)!r} (expected {v!r})" for k, v in expected.items() if getattr(config, k) != v]
     if wrong:
         raise ValueError("build_llama_model needs a Llama-style config (use llama_config): " + ", ".join(wrong))
-    return _build(config, poet, vocab_size, max_sequence_length, seed, backend,
+    return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage,
                   position_embedding_type="rope", rotary_base=rotary_base,
                   share_embeddings_and_output_weights=False)
 
 
 def build_gpt2_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
-    seed: int = 1234, backend: str = "auto",
+    seed: int = 1234, backend: str = "auto", vp_stage: int | None = None,
 ) -> GPTModel:
-    """GPT-2-style GPTModel (LayerNorm, GELU, biases, learned positions, tied embeddings)."""
+    """GPT-2-style GPTModel (LayerNorm, GELU, biases, learned positions, tied embeddings); arguments
+    as :func:`build_llama_model`."""
     if config.normalization != "LayerNorm" or config.gated_linear_unit:
         raise ValueError("build_gpt2_model needs a GPT-2-style config (use gpt2_config)")
-    return _build(config, poet, vocab_size, max_sequence_length, seed, backend,
+    return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage,
                   position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)

@@ -120,3 +120,24 @@ class ShardedDimension:
                 "at a TP size dividing the permutation_groups it was trained with"
             )
         return part * self.chunk + offset
+
+
+def layout_free_permutation_groups(sharded: list[tuple[int, int]], config: POETConfig, tp_size: int,
+                                   max_groups: int = 8, min_blocks: int = 2) -> int:
+    """A default :attr:`POETConfig.permutation_groups` that depends on the model's sizes, not on the TP size.
+
+    The largest of ``max_groups, max_groups / 2, ..., 1`` that cuts every part of every sharded
+    dimension (``sharded``: ``(size, parts)`` per layer, parts = 2 for SwiGLU's gate and up) into
+    groups of at least ``min_blocks`` whole blocks (a group of one block would make the sharded
+    side's permutation useless). Every TP size dividing it trains the same model; with a TP
+    size that does not divide it (or variant "fs") this returns ``tp_size``, the layers' own default.
+    """
+    if config.variant != "bs":
+        return tp_size
+    groups = max_groups
+    while groups > 1 and not all(
+        size % (parts * groups * config.block_size) == 0 and size // (parts * groups) >= min_blocks * config.block_size
+        for size, parts in sharded
+    ):
+        groups //= 2
+    return groups if groups % tp_size == 0 else tp_size

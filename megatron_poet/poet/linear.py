@@ -35,6 +35,8 @@ class POETModule(nn.Module):
     # The frozen GEMM in FP8 once megatron_poet.poet.fp8.enable_fp8 ran (an FP8FrozenGemm holding the
     # FP8 copies of A0: a plain attribute, never saved), else None.
     fp8 = None
+    # Layout-independent name seeding this layer's merges (MergeScheduler); None: its module path.
+    identity: str | None = None
 
     def poet_parameters(self) -> list[nn.Parameter]:
         """The trainable orthogonal-factor parameters (Adam, no weight decay, poet lr)."""

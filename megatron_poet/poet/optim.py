@@ -7,6 +7,7 @@ from typing import Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
+from .init import mix_seed
 from .linear import POETModule
 
 
@@ -51,9 +52,11 @@ def reset_torch_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterab
 class MergeScheduler:
     """Merge every POET layer each ``merge_interval`` optimizer steps and reset their optimizer state.
 
-    Call :meth:`step` once after every ``optimizer.step()``. Merge ``i`` draws its
-    permutations from a generator seeded with ``(seed, i)``, so the schedule is
-    reproducible and its whole state is two counters (:meth:`state_dict`).
+    Call :meth:`step` once after every ``optimizer.step()``. At merge ``i`` each layer draws
+    its permutations from a generator seeded with ``(seed, i, the layer's identity)``: its
+    ``identity`` attribute when set (the Megatron builders set the global layer name, the
+    same on every pipeline stage and layout), else its module path in ``model``. So the
+    schedule is reproducible and its whole state is two counters (:meth:`state_dict`).
 
     Args:
         model: module containing POET layers.
@@ -105,9 +108,13 @@ class MergeScheduler:
 
     @torch.no_grad()
     def merge_now(self) -> None:
-        layers = poet_modules(self.model)
-        generator = torch.Generator().manual_seed(merge_seed(self.seed, self.merges_done))
-        for layer in layers:
+        """Merge every layer now; layer ``L``'s new permutations come from ``(seed, merge index, L's identity)``."""
+        named = [(m.identity or name, m) for name, m in self.model.named_modules()
+                 if isinstance(m, POETModule)]
+        layers = [layer for _, layer in named]
+        for identity, layer in named:
+            # From the layer's global identity, never its position among a stage's local layers.
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, "merge", self.merges_done, identity))
             with self._materialize(list(layer.parameters()), True):
                 layer.merge_and_reset(generator)
         self._reset([p for layer in layers for p in layer.poet_parameters()])
@@ -138,8 +145,3 @@ class MergeScheduler:
         self.steps_since_merge = int(state["steps_since_merge"])
         self.merges_done = int(state["merges_done"])
         self.seed = int(state["seed"])
-
-
-def merge_seed(seed: int, merge_index: int) -> int:
-    """A 63-bit seed for merge ``merge_index`` of a run seeded with ``seed``."""
-    return (seed * 1_000_003 + merge_index * 7_919 + 12_345) % (2**63 - 1)

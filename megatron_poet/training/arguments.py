@@ -8,6 +8,7 @@ a message that says what to fix before any process group, data or model exists.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
@@ -68,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bs: block-stochastic, R and P are b x b blocks after a random permutation; fs: fully "
                         "stochastic, one random b-subset per side and permutation group")
     g.add_argument("--poet-permutation-groups", type=int, default=None,
-                   help="the TP-sharded side permutes within this many groups (a multiple of the TP size; "
-                        "runs at any TP size dividing it are identical); default: the TP size. "
-                        "With --poet-variant fs it fixes the number of blocks, so a checkpoint records it")
+                   help="the TP-sharded side permutes within this many groups of each dimension (a multiple of "
+                        "the TP size; runs at any TP size dividing it are identical). Default with bs: the "
+                        "largest of 8, 4, 2, 1 leaving every group at least 2 blocks (the TP size if that does "
+                        "not divide it); 1 = the paper's full permutations (TP=1 only). Default with fs: the TP "
+                        "size; there it fixes the number of blocks, so a checkpoint records it")
     g.add_argument("--poet-fp32-master-a0", action="store_true",
                    help="with --bf16: keep an fp32 master copy of every A0 that merges fold, rounding to bf16 "
                         "once per merge (sharded over data-parallel ranks with --use-distributed-optimizer)")
@@ -97,9 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
 
+    g = p.add_argument_group("non-finite guard (see megatron_poet/training/finite.py)")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip the update of an iteration whose loss or global gradient norm is NaN/inf (nothing "
+                        "changes: parameters, optimizer state, LR schedule, POET merges); Megatron-LM's flag")
+    g.add_argument("--max-skipped-iters", type=int, default=10,
+                   help="stop (exit code 3) after this many consecutive skipped iterations: the run has diverged")
+    g.add_argument("--loss-spike-factor", type=float, default=0.0,
+                   help="also skip an iteration whose loss exceeds this multiple (> 1) of the mean loss of the "
+                        "previous --loss-spike-window applied iterations; 0 = off")
+    g.add_argument("--loss-spike-window", type=int, default=100,
+                   help="applied iterations averaged by --loss-spike-factor (checked once that many exist)")
+
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline schedule: each pipeline rank holds (layers / PP) / this many "
+                        "model chunks (virtual stages)")
     g.add_argument("--sequence-parallel", action="store_true")
 
     deepspeed_config.add_arguments(p)
@@ -152,7 +170,6 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
-    args.swiglu = args.model_style == "llama"  # the FC1 width doubles for the gate
     args.num_query_groups = args.num_query_groups or args.num_attention_heads
     args.kv_channels_given = args.kv_channels is not None
     if not args.kv_channels_given and args.num_attention_heads > 0:
@@ -160,6 +177,9 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     args.deepspeed = args.deepspeed or args.zero_stage is not None
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    per_chunk, pp = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size
+    chunks = args.num_layers // (pp * per_chunk) if per_chunk and per_chunk > 0 and pp > 0 else 1
+    args.virtual_pipeline_model_parallel_size = chunks if chunks > 1 else None  # model chunks per pipeline rank
     args.data_parallel_size = args.world_size // model_parallel if model_parallel > 0 else 0
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
@@ -193,7 +213,7 @@ def poet_config(args: argparse.Namespace) -> POETConfig | None:
     if not args.poet:
         return None
     master = args.poet_fp32_master_a0 and args.bf16
-    return POETConfig(
+    config = POETConfig(
         block_size=args.poet_block_size,
         neumann_terms=args.poet_neumann_terms,
         mode=args.poet_mode,
@@ -203,21 +223,31 @@ def poet_config(args: argparse.Namespace) -> POETConfig | None:
         fp32_master_a0=master,
         shard_fp32_master=master and args.use_distributed_optimizer,
     )
+    if config.permutation_groups is None:
+        from megatron_poet.megatron.sharding import layout_free_permutation_groups
+
+        sharded = [(d_out if parallel == "column" else d_in, parts) for _, d_in, d_out, parallel, parts in
+                   linear_shapes(args)]
+        groups = layout_free_permutation_groups(sharded, config, args.tensor_model_parallel_size)
+        config = dataclasses.replace(config, permutation_groups=groups)
+    return config
 
 
-def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str]]:
-    """``(name, in_features, out_features, parallel)`` of each transformer linear, unsharded.
+def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str, int]]:
+    """``(name, in_features, out_features, parallel, parts)`` of each transformer linear, unsharded.
 
     ``parallel`` is "column" (QKV, FC1: the output dimension is split across
     tensor-parallel ranks) or "row" (attention projection, FC2: the input dimension is split).
+    ``parts`` is 2 for SwiGLU's ``[gate; up]`` FC1 (llama style: its width doubles; the halves are
+    sharded and permuted apart), else 1.
     """
     qkv_out = (args.num_attention_heads + 2 * args.num_query_groups) * args.kv_channels
-    fc1_out = args.ffn_hidden_size * (2 if args.swiglu else 1)
+    fc1_parts = 2 if args.model_style == "llama" else 1
     return [
-        ("self_attention.linear_qkv", args.hidden_size, qkv_out, "column"),
-        ("self_attention.linear_proj", args.num_attention_heads * args.kv_channels, args.hidden_size, "row"),
-        ("mlp.linear_fc1", args.hidden_size, fc1_out, "column"),
-        ("mlp.linear_fc2", args.ffn_hidden_size, args.hidden_size, "row"),
+        ("self_attention.linear_qkv", args.hidden_size, qkv_out, "column", 1),
+        ("self_attention.linear_proj", args.num_attention_heads * args.kv_channels, args.hidden_size, "row", 1),
+        ("mlp.linear_fc1", args.hidden_size, args.ffn_hidden_size * fc1_parts, "column", fc1_parts),
+        ("mlp.linear_fc2", args.ffn_hidden_size, args.hidden_size, "row", 1),
     ]
 
 
@@ -255,7 +285,9 @@ def validate_args(args: argparse.Namespace) -> None:
     need(args.ffn_hidden_size % t == 0,
          f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {t}")
     need(args.num_layers % pp == 0,
-         f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+         f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp} (the "
+         f"stages hold equal numbers of layers)")
+    _check_virtual_pipeline(args, need)
     if args.sequence_parallel:
         need(t > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
         need(args.seq_length % t == 0,
@@ -273,6 +305,10 @@ def validate_args(args: argparse.Namespace) -> None:
          f"need 0 <= --lr-warmup-iters {args.lr_warmup_iters} < --lr-decay-iters {args.lr_decay_iters}")
     need(args.clip_grad >= 0, f"--clip-grad must be >= 0, got {args.clip_grad}")
     need(args.eval_iters >= 0, f"--eval-iters must be >= 0, got {args.eval_iters}")
+    need(args.max_skipped_iters >= 1, f"--max-skipped-iters must be >= 1, got {args.max_skipped_iters}")
+    need(args.loss_spike_factor == 0 or args.loss_spike_factor > 1,
+         f"--loss-spike-factor must be > 1 (or 0 = off), got {args.loss_spike_factor}")
+    need(args.loss_spike_window >= 1, f"--loss-spike-window must be >= 1, got {args.loss_spike_window}")
     need(args.poet_clip_ramp_iters >= 0, f"--poet-clip-ramp-iters must be >= 0, got {args.poet_clip_ramp_iters}")
     if args.mock_data:
         need(not args.data_path, "give either --data-path or --mock-data, not both")
@@ -293,6 +329,27 @@ def validate_args(args: argparse.Namespace) -> None:
         _check_poet(args, need, bool(errors))
     if errors:
         raise ArgumentError("invalid arguments:\n  " + "\n  ".join(errors))
+
+
+def _check_virtual_pipeline(args: argparse.Namespace, need) -> None:
+    per_chunk, pp = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size
+    if per_chunk is None:
+        return
+    flag = f"--num-layers-per-virtual-pipeline-stage {per_chunk}"
+    need(per_chunk > 0, f"{flag} must be > 0")
+    need(pp > 1, f"{flag} (the interleaved schedule) needs --pipeline-model-parallel-size > 1")
+    if per_chunk <= 0 or pp <= 1 or args.num_layers % pp:
+        return
+    need((args.num_layers // pp) % per_chunk == 0,
+         f"{flag} does not divide the {args.num_layers // pp} layers of each pipeline stage "
+         f"(--num-layers {args.num_layers} / --pipeline-model-parallel-size {pp})")
+    dp = args.data_parallel_size
+    micro_batches = args.global_batch_size // (args.micro_batch_size * dp) if dp > 0 else 0
+    need(args.virtual_pipeline_model_parallel_size is None or micro_batches % pp == 0,
+         f"{flag}: the interleaved schedule runs micro-batches in groups of --pipeline-model-parallel-size {pp}, "
+         f"but each data-parallel rank has {micro_batches} per global batch (--global-batch-size "
+         f"{args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x data-parallel size {dp})); "
+         f"use a global batch size giving a multiple of {pp}")
 
 
 def _check_poet(args: argparse.Namespace, need, errors_so_far: bool) -> None:

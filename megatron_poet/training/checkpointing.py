@@ -15,8 +15,13 @@ A checkpoint holds the model (incl. POET permutations and frozen weights), the o
 samples, the merge scheduler (merge counter, steps since merge), the model-shape
 arguments and every rank's RNG states. Resuming with the same layout restores
 all of it, so an interrupted run continues bitwise like an uninterrupted one on
-CPU. Loading with another tensor-/data-parallel layout restores everything but
-the per-rank RNG states (dist_checkpointing reshards the tensors).
+CPU. Loading with another tensor-/pipeline-/data-parallel layout (or other virtual
+pipeline stages) restores everything but the per-rank RNG states (dist_checkpointing
+reshards the tensors).
+
+Loading never unpickles arbitrary objects (:mod:`megatron_poet.safe_loading`): the small files
+are examined before any work (:func:`check_checkpoint_args`), and everything is read with
+weights-only ``torch.load`` and a restricted unpickler for the tensor index.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import shutil
 
 import numpy as np
 import torch
+
+from megatron_poet.safe_loading import check_dist_checkpoint, restricted_loading
 
 MARKER = "latest_checkpointed_iteration.txt"
 
@@ -145,11 +152,18 @@ def optimizer_sharding_type(args: argparse.Namespace) -> str:
     return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
 
 
+def _model_keys(model_chunks) -> list[str]:
+    """Megatron-LM's keys of the model chunks: ``model``, or ``model0``, ``model1``, ... with virtual stages.
+
+    Only the nesting differs: the tensors inside are keyed by global layer numbers
+    (megatron's layer offsets), so a checkpoint loads at any pipeline layout."""
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
 def _state_dict(args, model_chunks, optimizer, *, is_loading: bool, with_rng: bool, sharding_type: str) -> dict:
-    (model,) = model_chunks  # one chunk: no virtual pipeline stages
-    model_sd = _unwrap(model).sharded_state_dict()
+    models = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
     metadata = {"distrib_optim_sharding_type": sharding_type}
-    state = {"model": model_sd, **optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
+    state = {**models, **optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=metadata)}
     if with_rng:
         state["rng_state"] = _rng_sharded_object(None if is_loading else _rng_state())
     return state
@@ -190,14 +204,25 @@ def save_checkpoint(args, iteration: int, consumed_samples: int, model_chunks, o
     return path
 
 
+def read_common_state(path: str) -> dict:
+    """The non-sharded state of checkpoint directory ``path`` (``common.pt``), read safely.
+
+    Raises :class:`~megatron_poet.safe_loading.UnsafeFileError` for a file that is not plain data.
+    """
+    from megatron.core import dist_checkpointing
+
+    check_dist_checkpoint(path)
+    with restricted_loading(f"checkpoint {path}"):
+        return dist_checkpointing.load_common_state_dict(path)
+
+
 def check_checkpoint_args(args: argparse.Namespace) -> int | None:
     """Before any work: the ``--load`` checkpoint's model shape must match the command line.
 
     Returns the iteration that will be loaded (``None``: nothing to load, fresh start).
-    Raises :class:`CheckpointError` listing every mismatching flag.
+    Raises :class:`CheckpointError` listing every mismatching flag, or
+    :class:`~megatron_poet.safe_loading.UnsafeFileError` for a file that is not plain data.
     """
-    from megatron.core import dist_checkpointing
-
     if not args.load:
         return None
     iteration = latest_iteration(args.load)
@@ -212,7 +237,7 @@ def check_checkpoint_args(args: argparse.Namespace) -> int | None:
     if args.deepspeed or deepspeed_checkpoint.is_deepspeed_checkpoint(path):
         saved = deepspeed_checkpoint.saved_args_for_resume(args, path)
     else:
-        saved = dist_checkpointing.load_common_state_dict(path)["args"]
+        saved = read_common_state(path)["args"]
     ours = shape_args(args)
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, command line {ours[k]!r}"
              for k in SHAPE_ARGS if saved.get(k) != ours[k]]
@@ -248,15 +273,16 @@ def load_checkpoint(args, model_chunks, optimizer, merge_scheduler) -> tuple[int
     if iteration is None:
         return 0, 0
     path = checkpoint_dir(args.load, iteration)
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = read_common_state(path)
     sizes, _ = _layout()
     same_layout = tuple(common["layout"]) == sizes
     _warn_if_vocab_padding_differs(args, common["args"])
     template = _state_dict(args, model_chunks, optimizer, is_loading=True, with_rng=same_layout,
                            sharding_type=common["optimizer_sharding_type"])
-    state = dist_checkpointing.load(template, path)
-    (model,) = model_chunks
-    _unwrap(model).load_state_dict(state["model"])
+    with restricted_loading(f"checkpoint {path}"):
+        state = dist_checkpointing.load(template, path)
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        _unwrap(chunk).load_state_dict(state[key])
     if merge_scheduler is not None:
         merge_scheduler.load_state_dict(state["merge_scheduler"])
     steps_since_merge = merge_scheduler.steps_since_merge if merge_scheduler else 0

@@ -43,7 +43,8 @@ FLAG_HELP = {
     "adam_beta1": "Adam beta1 (all parameters)",
     "adam_beta2": "Adam beta2 (all parameters)",
     "adam_eps": "Adam epsilon (all parameters)",
-    "seed": "seed of A0, the permutations, the data order and dropout",
+    "seed": "seed of every initial tensor (the same model at any TP/PP/DP layout), the permutations, "
+            "the data order and dropout",
     "use_distributed_optimizer": "shard the optimizer state over data-parallel ranks (Megatron's ZeRO-1)",
     "overlap_grad_reduce": "overlap the data-parallel gradient reduction with the backward pass",
     "tensor_model_parallel_size": "TP: ranks that split every linear layer",

@@ -78,18 +78,21 @@ def _megatron_fp8_errors(args: argparse.Namespace) -> list[str]:
 
 def _shape_errors(args: argparse.Namespace) -> list[str]:
     """The FP8 GEMM's shape rules (:func:`~megatron_poet.poet.fp8.shape_problems`) for every linear's shard."""
-    from .arguments import linear_shapes
+    from .arguments import linear_shapes, poet_config
 
+    try:
+        groups = poet_config(args).permutation_groups
+    except ValueError:
+        return []  # an invalid POET configuration: reported by the POET checks
     tp = args.tensor_model_parallel_size
-    groups = args.poet_permutation_groups or tp
     errors = []
-    for name, d_in, d_out, parallel in linear_shapes(args):
-        if d_in % tp or d_out % tp:
+    for name, d_in, d_out, parallel, parts in linear_shapes(args):
+        if d_in % tp or d_out % (tp * parts):
             continue  # reported by the layout checks
-        parts = 2 if name == "mlp.linear_fc1" and args.swiglu else 1
-        sharded = d_out // parts if parallel == "column" else d_in
+        part_size = d_out // parts if parallel == "column" else d_in
         local_out, local_in = (d_out // tp, d_in) if parallel == "column" else (d_out, d_in // tp)
-        group_size = sharded // groups if tp > 1 and sharded % groups == 0 else None
+        # as the layers' tensor_parallel_layout(): the group size matters only when sharded
+        group_size = part_size // groups if tp > 1 and part_size % groups == 0 else None
         errors += [f"{name}: {p}" for p in shape_problems(local_out, local_in, args.fp8_recipe, group_size)]
     if errors:
         errors.append("change --fp8-recipe or the model sizes (--hidden-size, --ffn-hidden-size, --kv-channels, "
@@ -110,11 +113,11 @@ def enable_run_fp8(args: argparse.Namespace, model: nn.Module) -> None:
         enable_fp8(model, FP8Config(args.fp8_format, args.fp8_recipe, args.fp8_backend))
 
 
-def describe_run_fp8(args: argparse.Namespace, model: nn.Module) -> str:
+def describe_run_fp8(args: argparse.Namespace, model_chunks: list[nn.Module]) -> str:
     """The startup log's FP8 part: format, recipe, backend and why it was chosen."""
     if args.fp8_format is None:
         return "off"
     if not args.poet:
         return f"{args.fp8_format}, {args.fp8_recipe} scales, Megatron's Transformer Engine linears"
-    layers = poet_modules(model)
+    layers = [layer for chunk in model_chunks for layer in poet_modules(chunk)]
     return f"{layers[0].fp8.describe()}, {len(layers)} POET layers"

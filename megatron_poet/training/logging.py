@@ -69,8 +69,8 @@ def flops_per_iteration(args: argparse.Namespace, vocab_size: int) -> float:
     micro_batches = args.global_batch_size // args.micro_batch_size  # over all DP ranks
     attn = args.num_attention_heads * args.kv_channels
     per_token = per_micro = 0.0
-    for name, d_in, d_out, parallel in linear_shapes(args):
-        tok, mb = _linear_flops(d_in, d_out, args, 2 if name == "mlp.linear_fc1" and args.swiglu else 1)
+    for _, d_in, d_out, _, parts in linear_shapes(args):
+        tok, mb = _linear_flops(d_in, d_out, args, parts)
         per_token, per_micro = per_token + tok, per_micro + mb
     per_token += 3 * 4.0 * s * attn
     total = args.num_layers * (per_token * tokens + per_micro * micro_batches)
@@ -118,6 +118,8 @@ class TrainingLogger:
         self._run_start = time.time()
         self.last_loss: tuple[int, float] | None = None  # (iteration, train loss), for the summary
         self.last_validation: tuple[int, float] | None = None
+        self._window_skipped = 0  # skipped iterations since the last line (Megatron's count)
+        self.skipped = 0
 
     def print(self, message: str) -> None:
         if self.is_logger:
@@ -125,7 +127,7 @@ class TrainingLogger:
 
     def iteration(self, iteration: int, consumed_samples: int, lr: float, loss: float,
                   grad_norm: float | None, merges: int, orth_error: float | None,
-                  a0_drift: float | None = None) -> bool:
+                  a0_drift: float | None = None, skipped: str | None = None) -> bool:
         """Count an iteration; every ``--log-interval`` print a line. Returns whether it printed.
 
         Time per iteration is averaged over the window; loss and grad norm are this iteration's.
@@ -133,9 +135,15 @@ class TrainingLogger:
         ``orth_error`` is the largest POET orthogonality error measured since the previous line;
         ``a0_drift`` the largest relative change of an ``A0``'s Frobenius norm since initialization
         (merges fold orthogonal factors, which keep it at rounding level: a spectrum-drift alarm).
+        ``skipped``: the message of a skipped update (printed at once), ``None`` when it was applied.
         """
         self._window_iters += 1
-        self.last_loss = (iteration, loss)
+        if skipped:
+            self.print(skipped)
+            self._window_skipped += 1
+            self.skipped += 1
+        else:
+            self.last_loss = (iteration, loss)
         if iteration % self.args.log_interval and iteration != self.args.train_iters:
             return False
         now = time.time()
@@ -159,6 +167,7 @@ class TrainingLogger:
             f"TFLOP/s/GPU: {tflops:.3g}",
             f"MFU: {mfu}",
             f"peak mem ({where}): {mem:.2f} GiB",
+            f"number of skipped iterations: {self._window_skipped:3d}",
         ]
         if self.args.poet:
             fields += [f"merges: {merges}", f"max orth err: {orth_error:.1e}"]
@@ -168,7 +177,8 @@ class TrainingLogger:
         self.print(f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] " + " | ".join(fields))
         if self.writer:
             scalars = {"lm loss": loss, "learning-rate": lr, "tokens-per-sec-per-gpu": tokens_per_s,
-                       "tflops-per-gpu": tflops, "iteration-time-ms": 1000 * seconds, "peak-mem-gib": mem}
+                       "tflops-per-gpu": tflops, "iteration-time-ms": 1000 * seconds, "peak-mem-gib": mem,
+                       "skipped-iterations": self._window_skipped}
             if grad_norm is not None:
                 scalars["grad-norm"] = grad_norm
             if self.args.poet:
@@ -178,6 +188,7 @@ class TrainingLogger:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, iteration)
             self.writer.flush()
+        self._window_skipped = 0
         return True
 
     def validation(self, iteration: int, loss: float, label: str = "validation") -> None:
@@ -196,7 +207,7 @@ class TrainingLogger:
         """The end-of-run block: iterations, tokens, wall time, final losses, where the outputs are."""
         if self.is_logger:
             self.print(run_summary(self.args, self.start_iteration, iteration, consumed_samples,
-                                   time.time() - self._run_start, self.last_loss, self.last_validation))
+                                   time.time() - self._run_start, self.last_loss, self.last_validation, self.skipped))
 
     def close(self) -> None:
         if self.writer:
@@ -212,7 +223,7 @@ def _loss_line(what: str, record: tuple[int, float] | None) -> str:
 
 def run_summary(args: argparse.Namespace, start_iteration: int, iteration: int, consumed_samples: int,
                 training_seconds: float, last_loss: tuple[int, float] | None,
-                last_validation: tuple[int, float] | None) -> str:
+                last_validation: tuple[int, float] | None, skipped: int = 0) -> str:
     """The lines printed at the end of a run (see :meth:`TrainingLogger.summary`)."""
     from .checkpointing import checkpoint_dir, latest_iteration
 
@@ -223,7 +234,8 @@ def run_summary(args: argparse.Namespace, start_iteration: int, iteration: int, 
     lines = [
         " " + "=" * 30 + " run summary " + "=" * 30,
         f" iterations: {done} in this run ({start_iteration + 1}-{iteration}){stopped}; {tokens:,} tokens "
-        f"({consumed_samples * args.seq_length:,} since the start of training)",
+        f"({consumed_samples * args.seq_length:,} since the start of training)"
+        + (f"; {skipped} skipped (non-finite or spiking loss or gradient)" if skipped else ""),
         f" wall time: {datetime.timedelta(seconds=round(wall))} "
         f"(training {datetime.timedelta(seconds=round(training_seconds))})",
         _loss_line("train", last_loss),

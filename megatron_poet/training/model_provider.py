@@ -26,6 +26,7 @@ def transformer_config(args: argparse.Namespace):
         init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
         bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype,
         # Fusions need Apex/TE kernels; off so the same config runs on any device.
@@ -44,24 +45,36 @@ def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def build_model(args: argparse.Namespace, vocab_size: int):
-    """A megatron-core ``GPTModel`` for this pipeline stage on the current device.
+def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None = None, config=None):
+    """A megatron-core ``GPTModel`` for this pipeline stage (virtual stage ``vp_stage``) on the current device.
 
     Args:
         args: parsed arguments (model sizes, ``--model-style``, POET flags, ``--seed``).
         vocab_size: padded vocabulary size (:func:`padded_vocab_size`).
+        vp_stage: the virtual pipeline stage (``None`` without ``--num-layers-per-virtual-pipeline-stage``).
+        config: the ``TransformerConfig`` to use (default: a new :func:`transformer_config`).
+    The same ``--seed`` gives the same model at any parallel layout.
     Raises ValueError for a layout the layers cannot take (listed by the megatron builders).
     With ``--fp8-format`` the POET layers' frozen GEMMs run in FP8 (:mod:`.fp8`).
     """
     from megatron_poet.megatron.model import build_gpt2_model, build_llama_model
 
-    config = transformer_config(args)
+    config = config or transformer_config(args)
+    common = dict(seed=args.seed, vp_stage=vp_stage)
     if args.model_style == "llama":
         model = build_llama_model(config, poet_config(args), vocab_size, args.max_position_embeddings,
-                                  seed=args.seed, rotary_base=args.rotary_base)
+                                  rotary_base=args.rotary_base, **common)
     else:
-        model = build_gpt2_model(config, poet_config(args), vocab_size, args.max_position_embeddings, seed=args.seed)
+        model = build_gpt2_model(config, poet_config(args), vocab_size, args.max_position_embeddings, **common)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)
     enable_run_fp8(args, model)
     return model
+
+
+def build_model_chunks(args: argparse.Namespace, vocab_size: int) -> list:
+    """This rank's model chunks in pipeline order: one per virtual pipeline stage (one without
+    virtual stages), sharing one ``TransformerConfig`` (megatron's schedules read it from the first)."""
+    config = transformer_config(args)
+    stages = args.virtual_pipeline_model_parallel_size
+    return [build_model(args, vocab_size, vp_stage, config) for vp_stage in (range(stages) if stages else [None])]

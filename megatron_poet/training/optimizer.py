@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -108,12 +109,34 @@ class MegatronTrainingOptimizer:
         self._configs = [leaf.config for leaf in leaf_optimizers(self.optimizer)]
         self._configs.append(self.optimizer.config)
         self._clip_grad = args.clip_grad
+        self._check_grads = args.check_for_nan_in_loss_and_grad
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
 
-    def step(self) -> tuple[bool, float | None]:
-        updated, grad_norm, _ = self.optimizer.step()
+    @torch.no_grad()
+    def step(self, skip: bool = False) -> tuple[bool, float | None]:
+        """Clip, update and advance the LR schedule; returns ``(updated, global gradient norm)``.
+
+        megatron's ``MegatronOptimizer.step`` in its parts, so that the update can be skipped once
+        the norm is known: with ``skip``, or a non-finite norm under ``--check-for-nan-in-loss-and-grad``,
+        ``step_with_ready_grads`` (the only part that writes parameters or optimizer state) is not
+        called and the schedule stays where it is.
+        """
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        optimizer = self.optimizer
+        if optimizer.prepare_grads():  # fp16 loss-scale overflow: megatron's own skip (fp32/bf16: never)
+            return False, None
+        grad_norm = float(optimizer.get_grad_norm())  # all-reduced: the same on every rank
+        if skip or (self._check_grads and not math.isfinite(grad_norm)):
+            return False, grad_norm
+        for leaf in leaf_optimizers(optimizer):
+            params = [] if getattr(leaf, "is_stub_optimizer", False) else leaf.get_parameters()
+            if leaf.config.clip_grad > 0 and params:
+                clip_grad_by_total_norm_fp32(params, leaf.config.clip_grad, grad_norm,
+                                             leaf.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        updated = optimizer.step_with_ready_grads()
         if updated:
             self.scheduler.step(increment=1)
         return updated, grad_norm

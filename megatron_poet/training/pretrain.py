@@ -16,12 +16,15 @@ from typing import Iterator
 
 import torch
 
+from megatron_poet.safe_loading import UnsafeFileError
+
 from .arguments import ArgumentError, parse_args
 from .checkpointing import CheckpointError, check_checkpoint_args
 from .engine import build_engine
+from .finite import EXIT_DIVERGED, TrainingDiverged
 from .fp8 import describe_run_fp8
 from .logging import TrainingLogger
-from .model_provider import build_model, padded_vocab_size
+from .model_provider import build_model_chunks, padded_vocab_size
 from .process import (output_on_rank_zero_only, prepare_training_process, rank_from_env,
                       use_in_process_checkpoint_results)
 from .train import train
@@ -65,7 +68,8 @@ def _iterate(loader) -> Iterator[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the program; returns the exit code (2: bad input, reported once; 130: interrupted during set-up)."""
+    """Run the program; returns the exit code (2: bad input, reported once; 3: the run diverged (see
+    :mod:`.finite`); 130: interrupted during set-up)."""
     prepare_training_process()
     try:
         return _run(argv)
@@ -88,7 +92,8 @@ def _run(argv: list[str] | None) -> int:
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
     use_in_process_checkpoint_results()
-    backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
+                                     virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size)
     try:
         try:
             tokenizer = _setup_tokenizer(args)
@@ -101,14 +106,20 @@ def _run(argv: list[str] | None) -> int:
 
         vocab = padded_vocab_size(args.vocab_size_unpadded, args)
         try:
-            model = build_model(args, vocab)
+            model_chunks = build_model_chunks(args, vocab)
         except ValueError as e:
             if torch.distributed.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
             return 2
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
-        engine = build_engine(args, [model])
-        state = engine.load_checkpoint()
+        # before ZeRO-3 partitions them
+        n_params = sum(p.numel() for chunk in model_chunks for p in chunk.parameters() if p.requires_grad)
+        engine = build_engine(args, model_chunks)
+        try:
+            state = engine.load_checkpoint()
+        except (CheckpointError, UnsafeFileError) as e:  # every rank refuses an unsafe file alike
+            if torch.distributed.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
         iteration, consumed = state.iteration, state.consumed_samples
         logger = TrainingLogger(args, vocab, iteration)
         logger.print(
@@ -117,7 +128,7 @@ def _run(argv: list[str] | None) -> int:
             f"world {args.world_size} (TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, "
             f"DP {args.data_parallel_size}), {n_params:,} trainable parameters per model-parallel rank, "
             f"vocab {args.vocab_size_unpadded} (padded {vocab}), data {' '.join(args.data_path or ['mock'])}, "
-            f"{'bf16' if args.bf16 else 'fp32'}, FP8 {describe_run_fp8(args, model)}"
+            f"{'bf16' if args.bf16 else 'fp32'}, FP8 {describe_run_fp8(args, model_chunks)}"
         )
         if iteration:
             logger.print(f" resumed from {args.load} at iteration {iteration} ({consumed} consumed samples)")
@@ -131,10 +142,16 @@ def _run(argv: list[str] | None) -> int:
         def make_valid_iterator():
             return _iterate(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size))
 
-        train(args, engine, _iterate(train_loader), make_valid_iterator if valid_ds is not None else None, state,
-              logger)
+        try:
+            train(args, engine, _iterate(train_loader), make_valid_iterator if valid_ds is not None else None, state,
+                  logger)
+        except TrainingDiverged as e:  # every rank raises it at the same point
+            if torch.distributed.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return EXIT_DIVERGED
+        finally:
+            logger.close()
         logger.summary(state.iteration, state.consumed_samples)
-        logger.close()
         return 0
     finally:
         destroy_distributed()

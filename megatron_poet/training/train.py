@@ -1,6 +1,7 @@
 """The training loop: one global batch, optimizer step, POET merge, logging, evaluation, checkpoints
 and signals per iteration, over a :class:`~megatron_poet.training.engine.TrainingEngine` (megatron-core
-or DeepSpeed). Set-up lives in :mod:`.pretrain`."""
+or DeepSpeed). Set-up lives in :mod:`.pretrain`; skipping non-finite iterations and the checks before
+saving in :mod:`.finite`."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import torch
 
 from .engine import TrainingEngine, TrainingState
 from .engine.base import device
+from .finite import IterationGuard, check_state_before_save
 from .logging import TrainingLogger
 from .signals import SignalHandler
 
@@ -47,8 +49,13 @@ def train(
     state: TrainingState,
     logger: TrainingLogger,
 ) -> TrainingState:
-    """Train from ``state.iteration`` to ``--train-iters`` (or a signal / ``--exit-interval``)."""
+    """Train from ``state.iteration`` to ``--train-iters`` (or a signal / ``--exit-interval``).
+
+    Raises :class:`~.finite.TrainingDiverged` after ``--max-skipped-iters`` consecutive skipped
+    iterations, or instead of saving a non-finite state.
+    """
     signals = SignalHandler()
+    guard = IterationGuard(args)
     merge_scheduler = engine.merge_scheduler
     orth_max = 0.0
     try:
@@ -57,9 +64,11 @@ def train(
                 j = merge_scheduler.steps_since_merge + 1  # j-th step after the last merge
                 engine.set_clip_scale(min(1.0, j / args.poet_clip_ramp_iters))
             loss = engine.train_batch(train_iterator)
-            result = engine.step()
+            verdict = guard.loss_verdict(loss)
+            result = engine.step(skip=verdict is not None)
             state.iteration += 1
             state.consumed_samples += args.global_batch_size
+            skipped = guard.record(state.iteration, loss, result, verdict)
 
             a0_drift = None
             if merge_scheduler is not None and result.updated:
@@ -73,7 +82,7 @@ def train(
                 merges = merge_scheduler.merges_done if merge_scheduler else 0
                 # orth_max: largest error measured since the last log line (at log steps and just before merges)
                 if logger.iteration(state.iteration, state.consumed_samples, engine.learning_rate(), loss.mean(),
-                                    result.grad_norm, merges, orth_max, a0_drift):
+                                    result.grad_norm, merges, orth_max, a0_drift, skipped):
                     orth_max = 0.0
 
             last = state.iteration == args.train_iters
@@ -85,6 +94,7 @@ def train(
             exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
             if args.save and (state.iteration % args.save_interval == 0 or last or exit_now
                               or (stop and args.save_on_signal)):
+                check_state_before_save(args, engine, state.iteration)
                 path = engine.save_checkpoint(state)
                 logger.print(f" saved checkpoint at iteration {state.iteration} to {path}")
             if stop or exit_now:

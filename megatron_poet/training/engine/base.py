@@ -3,7 +3,7 @@
 :func:`megatron_poet.training.train.train` is one loop over a :class:`TrainingEngine`:
 
     batch = engine.train_batch(iterator)     # zero grads, forward + backward of one global batch
-    result = engine.step()                   # clip, update, advance the LR schedule
+    result = engine.step(skip)               # clip, update, advance the LR schedule (or change nothing)
     engine.merge_scheduler.step()            # POET merge (calls engine.reset_poet_state)
     engine.save_checkpoint(state)            # / engine.load_checkpoint() at start-up
 
@@ -145,8 +145,13 @@ class TrainingEngine(abc.ABC):
         """Forward only over one global batch (no gradients); as :meth:`train_batch` otherwise."""
 
     @abc.abstractmethod
-    def step(self) -> StepResult:
-        """Clip the gradients, update the parameters and advance the LR schedule by one iteration."""
+    def step(self, skip: bool = False) -> StepResult:
+        """Clip the gradients, update the parameters and advance the LR schedule by one iteration.
+
+        With ``skip`` (decided identically on every rank), or when ``--check-for-nan-in-loss-and-grad``
+        is on and the global gradient norm is not finite, change nothing instead: no parameter,
+        optimizer state or LR-schedule position (``StepResult.updated`` is then ``False``).
+        """
 
     @abc.abstractmethod
     def reset_poet_state(self, params: list[nn.Parameter]) -> None:
@@ -160,6 +165,26 @@ class TrainingEngine(abc.ABC):
     @abc.abstractmethod
     def set_clip_scale(self, scale: float) -> None:
         """Multiply the configured gradient-clip threshold by ``scale`` (<= 1) from the next step."""
+
+    @abc.abstractmethod
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers holding this rank's optimizer state (fp32 masters and their Adam state)."""
+
+    def state_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of everything a checkpoint of this rank holds: model parameters and buffers
+        (under ZeRO-3 this rank's partitions) and the optimizer's masters and state."""
+        for i, chunk in enumerate(self.model_chunks):
+            prefix = f"model chunk {i}: " if len(self.model_chunks) > 1 else ""
+            for name, tensor in (*chunk.named_parameters(), *chunk.named_buffers()):
+                yield prefix + name, getattr(tensor, "ds_tensor", tensor)  # ZeRO-3 keeps the partition apart
+        for i, optimizer in enumerate(self.torch_optimizers()):
+            for g, group in enumerate(optimizer.param_groups):
+                for j, param in enumerate(group["params"]):
+                    where = f"optimizer {i} group {g} tensor {j}"
+                    yield where, param
+                    for key, value in optimizer.state.get(param, {}).items():
+                        if isinstance(value, torch.Tensor):
+                            yield f"{where} {key}", value
 
     @abc.abstractmethod
     def save_checkpoint(self, state: TrainingState) -> str:

@@ -38,7 +38,7 @@ from ..optimizer import canonical_learning_rate, lr_scheduler
 from . import deepspeed_checkpoint
 from .base import BatchLoss, StepResult, TrainingEngine, TrainingState, forward_step, num_microbatches, reduce_loss
 from .deepspeed_config import deepspeed_config
-from .deepspeed_state import POET_GROUP_KEY, gathered, reset_poet_optimizer_state
+from .deepspeed_state import POET_GROUP_KEY, SkippableStep, gathered, reset_poet_optimizer_state
 
 
 def import_deepspeed():
@@ -89,6 +89,7 @@ class DeepSpeedEngine(TrainingEngine):
         engine: the ``deepspeed.DeepSpeedEngine``.
         zero_stage: 1, 2 or 3.
         scheduler: megatron's ``OptimizerParamScheduler`` over the ZeRO optimizer's groups.
+        inner_step: the :class:`~.deepspeed_state.SkippableStep` that leaves out skipped updates.
     """
 
     def __init__(self, args: argparse.Namespace, model_chunks: list[nn.Module]):
@@ -105,8 +106,8 @@ class DeepSpeedEngine(TrainingEngine):
                                       eps=args.adam_eps, weight_decay=args.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                     dist_init_required=False)
-        deepspeed_checkpoint.use_safe_loading(self.engine)
         self.scheduler = lr_scheduler(args, self.engine.optimizer)
+        self.inner_step = SkippableStep(self.engine.optimizer, args.check_for_nan_in_loss_and_grad)
         self.merge_scheduler = self._merge_scheduler(gathered if self.zero_stage == 3 else None)
 
     def _run(self, data_iterator: Iterator[dict], backward: bool) -> BatchLoss | None:
@@ -130,9 +131,11 @@ class DeepSpeedEngine(TrainingEngine):
     def eval_batch(self, data_iterator: Iterator[dict]) -> BatchLoss | None:
         return self._run(data_iterator, backward=False)
 
-    def step(self) -> StepResult:
+    def step(self, skip: bool = False) -> StepResult:
+        self.inner_step.skip, self.inner_step.skipped = skip, False
         self.engine.step()
-        updated = self.engine.was_step_applied()
+        self.inner_step.skip = False
+        updated = self.engine.was_step_applied() and not self.inner_step.skipped
         if updated:
             self.scheduler.step(increment=1)
         norm = self.engine.get_global_grad_norm()
@@ -146,6 +149,9 @@ class DeepSpeedEngine(TrainingEngine):
 
     def set_clip_scale(self, scale: float) -> None:
         self.engine.optimizer.clip_grad = self.args.clip_grad * scale
+
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.engine.optimizer.optimizer]
 
     def save_checkpoint(self, state: TrainingState) -> str:
         return deepspeed_checkpoint.save(self, state)

@@ -14,19 +14,23 @@ DeepSpeed's client state carries the LR schedule and every rank's RNG states. PO
 are module buffers in the model state. A resumed run therefore continues bitwise like an
 uninterrupted one on CPU, at the same ZeRO stage and data-parallel size.
 
-Reading never unpickles arbitrary objects: every DeepSpeed file is loaded by :func:`safe_load`
-(``torch.load(weights_only=True)`` plus the few plain-data DeepSpeed classes the files reference),
-also when DeepSpeed itself loads a checkpoint (:func:`use_safe_loading`).
+Reading never unpickles arbitrary objects: the ``*.pt`` files are examined before any work
+(:func:`check_files`) and DeepSpeed reads them inside :func:`reading`
+(:func:`megatron_poet.safe_loading.restricted_loading`: weights-only ``torch.load`` plus the few
+plain-data DeepSpeed classes the files reference, :data:`DEEPSPEED_GLOBALS`).
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
-import pickle
 import shutil
 
 import numpy as np
 import torch
+
+from megatron_poet.safe_loading import check_torch_file, restricted_loading
 
 from ..checkpointing import (
     CheckpointError, _layout, _rng_state, _set_rng_state, _warn_if_vocab_padding_differs, _write_marker,
@@ -37,6 +41,9 @@ from .deepspeed_config import deepspeed_config
 
 COMMON_FILE = "common.json"
 ENGINE = "deepspeed"
+# Plain-data DeepSpeed classes its checkpoint files reference (beyond torch's weights-only allow-list).
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 def is_deepspeed_checkpoint(path: str) -> bool:
@@ -79,36 +86,20 @@ def saved_args_for_resume(args, path: str) -> dict:
     if problems:
         raise CheckpointError(f"--load {args.load} ({iteration}) cannot be resumed by this run: "
                               + "; ".join(problems) + "; DeepSpeed checkpoints resume at the same stage and size")
+    check_files(path)
     return common["args"]
 
 
-def _safe_globals() -> list:
-    """The plain-data DeepSpeed classes its checkpoint files reference (beyond torch's own allowlist)."""
-    from .deepspeed import import_deepspeed
-
-    import_deepspeed()
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
+def check_files(path: str) -> None:
+    """Refuse (:class:`~megatron_poet.safe_loading.UnsafeFileError`) a checkpoint directory ``path`` whose
+    ``*.pt`` files name anything but plain data, before any of them is loaded."""
+    for name in sorted(glob.glob(os.path.join(path, "*.pt"))):
+        check_torch_file(name, DEEPSPEED_GLOBALS)
 
 
-def safe_load(path: str, map_location=None):
-    """``torch.load`` of a DeepSpeed checkpoint file that refuses anything but plain data."""
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location if map_location is not None else "cpu",
-                              weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"refusing to load {path}: it references objects that are not plain checkpoint "
-                              f"data ({err})") from None
-
-
-def use_safe_loading(engine) -> None:
-    """Make the ``deepspeed.DeepSpeedEngine`` ``engine`` read every checkpoint file with :func:`safe_load`
-    (all of its loads go through its checkpoint engine's ``load``)."""
-    engine.checkpoint_engine.load = safe_load
+def reading(path: str) -> contextlib.AbstractContextManager:
+    """Within the block, DeepSpeed (or anything else) reads checkpoint ``path``'s files as plain data only."""
+    return restricted_loading(f"DeepSpeed checkpoint {path}", DEEPSPEED_GLOBALS)
 
 
 def _plain_rng_state() -> dict:
@@ -175,8 +166,9 @@ def load(engine) -> TrainingState:
     path = checkpoint_dir(args.load, iteration)
     common = read_common(path)
     _warn_if_vocab_padding_differs(args, common["args"])
-    loaded, client_state = engine.engine.load_checkpoint(args.load, tag=os.path.basename(path),
-                                                         load_lr_scheduler_states=False)
+    with reading(path):
+        loaded, client_state = engine.engine.load_checkpoint(args.load, tag=os.path.basename(path),
+                                                             load_lr_scheduler_states=False)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {path}")
     engine.scheduler.load_state_dict(client_state["lr_scheduler"])

@@ -101,6 +101,10 @@ def _zero_section(config: dict, args: argparse.Namespace, source: str, problems:
     elif stage not in ZERO_STAGES:
         problems.append(f"{source}: zero_optimization.stage {stage!r} is not supported: use 1, 2 or 3 "
                         f"(stage 0 is plain data parallelism: the megatron engine, without --deepspeed)")
+    if zero.get("compute_grad_norm") is False and args.check_for_nan_in_loss_and_grad:
+        problems.append(f"{source}: zero_optimization.compute_grad_norm false leaves no gradient norm for "
+                        f"--check-for-nan-in-loss-and-grad to test; remove it or pass "
+                        f"--no-check-for-nan-in-loss-and-grad")
     for offload in ("offload_optimizer", "offload_param"):
         device = (zero.get(offload) or {}).get("device", "none")
         if device not in (None, "none"):

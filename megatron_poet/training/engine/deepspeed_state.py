@@ -20,6 +20,7 @@ own, which optimizers keeping one step per flat tensor or per group need.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -52,3 +53,37 @@ def gathered(params: list[nn.Parameter], modified: bool) -> contextlib.AbstractC
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modified else None)
+
+
+class SkippableStep:
+    """The ZeRO optimizer's inner torch-optimizer step, left out when the iteration must be skipped.
+
+    DeepSpeed's ``engine.step()`` must run at every accumulation boundary: it clears the gradients
+    and its accumulation state. Its optimizer (ZeRO-1/2/3, or bf16 ZeRO-1's ``BF16_Optimizer``) first
+    computes the global gradient norm (``_global_grad_norm``, all-reduced), then calls the inner
+    optimizer's ``step`` and copies the fp32 masters back to the model. Installed as that ``step``,
+    this object runs it only when nothing asks to skip: neither :attr:`skip` nor, with ``check_grads``,
+    a non-finite norm. A skipped step leaves the fp32 masters and the Adam moments and step as they
+    were, and the copy back to the model rewrites the same values. DeepSpeed itself also skips
+    steps whose norm is not finite (``was_step_applied()`` is then ``False``).
+
+    Attributes:
+        skip: skip the next step regardless of the norm (set before ``engine.step()``).
+        skipped: whether the last step was left out here.
+    """
+
+    def __init__(self, ds_optimizer, check_grads: bool):
+        self.ds_optimizer = ds_optimizer
+        self.check_grads = check_grads
+        self.skip = self.skipped = False
+        inner = ds_optimizer.optimizer
+        self._step = inner.step
+        inner.step = self  # DeepSpeed calls self.optimizer.step() (once per parameter group / sub-group)
+
+    def __call__(self, *args, **kwargs):
+        norm = self.ds_optimizer._global_grad_norm
+        nonfinite = norm is not None and not math.isfinite(float(norm))
+        if self.skip or (self.check_grads and nonfinite):
+            self.skipped = True
+            return None
+        return self._step(*args, **kwargs)

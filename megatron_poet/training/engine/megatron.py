@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from megatron_poet.megatron.optimizer_state import leaf_optimizers
+
 from ..checkpointing import load_checkpoint, save_checkpoint
 from ..optimizer import MegatronTrainingOptimizer
 from .base import BatchLoss, StepResult, TrainingEngine, TrainingState, forward_step, num_microbatches, reduce_loss
@@ -63,11 +65,15 @@ class MegatronEngine(TrainingEngine):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         args = self.args
+        n = num_microbatches(args)
+        # Each model chunk (virtual pipeline stage) reads the batch's micro-batches from an iterator of its own.
+        micro_batches = [next(data_iterator) for _ in range(n)]
+        iterators = [iter(micro_batches) for _ in self.ddp_chunks]
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=data_iterator,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.ddp_chunks if len(self.ddp_chunks) > 1 else self.ddp_chunks[0],
-            num_microbatches=num_microbatches(args),
+            num_microbatches=n,
             seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size,
             decoder_seq_length=args.seq_length,
@@ -85,8 +91,8 @@ class MegatronEngine(TrainingEngine):
     def eval_batch(self, data_iterator: Iterator[dict]) -> BatchLoss | None:
         return self._run_schedule(data_iterator, forward_only=True)
 
-    def step(self) -> StepResult:
-        return StepResult(*self.optimizer.step())
+    def step(self, skip: bool = False) -> StepResult:
+        return StepResult(*self.optimizer.step(skip))
 
     def reset_poet_state(self, params: list[nn.Parameter]) -> None:
         self.optimizer.reset_poet_state(params)
@@ -96,6 +102,9 @@ class MegatronEngine(TrainingEngine):
 
     def set_clip_scale(self, scale: float) -> None:
         self.optimizer.set_clip_scale(scale)
+
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [leaf.optimizer for leaf in leaf_optimizers(self.optimizer.optimizer)]
 
     def save_checkpoint(self, state: TrainingState) -> str:
         return save_checkpoint(self.args, state.iteration, state.consumed_samples, self.ddp_chunks, self.optimizer,
