@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time one layer's forward+backward: nn.Linear vs POETLinear (fast/mem, kernels on/off).
+"""Time one layer's forward+backward: nn.Linear vs POETLinear (fast/mem, kernels on/off, bf16 vs FP8 GEMM).
 
 Default shapes are Llama-8B's (4096->4096, 4096->14336, 14336->4096; 2048 and 8192
 tokens; b = 256; bf16) on a GPU. Without a GPU it runs reduced shapes (every size / 8:
@@ -11,9 +11,14 @@ Each measurement is one ``y = layer(x); y.backward(dy)`` step, including the
 Cayley–Neumann construction of the blocks. The methods take turns step by step
 (``--reps`` rounds after ``--warmup``), so a machine whose speed drifts slows all of them
 alike. Reported: median ms, ratio to nn.Linear, achieved TFLOP/s, the FLOP floor (the method's
-FLOPs / nn.Linear's: the time ratio at equal FLOP efficiency) and peak memory above the
-resident tensors (GPU only). ``--compare-checkout DIR`` adds the POET rows of another
-checkout of this repository (e.g. the previous commit) to the same run.
+FLOPs / nn.Linear's: the time ratio at equal FLOP efficiency), peak memory above the
+resident tensors (GPU only), and the layer's static memory: parameters, gradients, buffers and,
+for FP8 rows, the FP8 copies of ``A0`` (held in addition to ``A0`` itself; see docs/FP8.md).
+``--compare-checkout DIR`` adds the POET rows of another checkout of this repository (e.g. the
+previous commit) to the same run. FP8 rows (``--fp8-recipes``, default the default recipe; format
+``--fp8-format``) run the frozen GEMM through the backend chosen automatically (Transformer Engine
+or ``torch._scaled_mm`` on a GPU; on CPU ``_scaled_mm`` dequantizes, so CPU times say nothing
+about FP8 speed).
 
 FLOPs counted are those each method really performs (N tokens, k Neumann order, n_s = d_s/b):
     nn.Linear:      6 N d_in d_out                      (forward, input grad, weight grad)
@@ -42,6 +47,7 @@ from torch import nn
 
 from megatron_poet import POETLinear
 from megatron_poet.kernels import kernels_mode, rotation_supported
+from megatron_poet.poet.fp8 import DEFAULT_RECIPE, FORMATS, RECIPES, FP8Config, enable_fp8
 
 LLAMA_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -106,6 +112,15 @@ class Timer:
         for p in self.layer.parameters():
             p.grad = None
 
+    def static_mib(self) -> float:
+        """Parameters, buffers, gradients (one per trainable parameter) and FP8 copies of ``A0``, MiB."""
+        tensors = list(self.layer.parameters()) + list(self.layer.buffers())
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        total += sum(p.numel() * p.element_size() for p in self.layer.parameters() if p.requires_grad)
+        fp8 = getattr(self.layer, "fp8", None)
+        copies = fp8.copy_nbytes() if fp8 is not None else 0
+        return (total + (copies or 0)) / 2**20  # TE tensors are not counted (None)
+
 
 def run(args) -> None:
     cuda = torch.cuda.is_available() and not args.cpu
@@ -121,24 +136,30 @@ def run(args) -> None:
     classes = [("", POETLinear)]
     if args.compare_checkout:
         classes.append((f" [{args.compare_checkout}]", other_checkout_poet_linear(args.compare_checkout)))
-    variants = [("nn.Linear", None, None, None)]
+    variants = [("nn.Linear", None, None, None, None)]
+    path = ("kernels", "auto") if cuda else ("PyTorch", "off")
     for mode in ("fast", "mem"):
         for suffix, cls in classes:
             if cuda:
-                variants.append((f"POET {mode}, kernels{suffix}", mode, "auto", cls))
-            variants.append((f"POET {mode}, PyTorch{suffix}", mode, "off", cls))
+                variants.append((f"POET {mode}, kernels{suffix}", mode, "auto", cls, None))
+            variants.append((f"POET {mode}, PyTorch{suffix}", mode, "off", cls, None))
+        for recipe in args.fp8_recipes:
+            fp8 = FP8Config(args.fp8_format, recipe)
+            variants.append((f"POET {mode}, {path[0]}, FP8 {args.fp8_format} {recipe}", mode, path[1], POETLinear,
+                             fp8))
     hw = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {hw}, torch {torch.__version__}, dtype {dtype}, b={b}, k={args.neumann_terms}, "
           f"median of {args.reps} interleaved rounds after {args.warmup} warmup")
-    print("| d_in -> d_out | tokens | method | ms | x nn.Linear | TFLOP/s | FLOP floor x nn.Linear | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| d_in -> d_out | tokens | method | ms | x nn.Linear | TFLOP/s | FLOP floor x nn.Linear | peak MiB | "
+          "static MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for d_in, d_out in shapes:
         for n_tokens in tokens:
             x = torch.randn(n_tokens, d_in, generator=gen).to(device, dtype).requires_grad_()
             dy = torch.randn(n_tokens, d_out, generator=gen).to(device, dtype)
-            timers, flops = [], []
-            for name, mode, kmode, cls in variants:
+            timers, flops, names = [], [], []
+            for name, mode, kmode, cls, fp8 in variants:
                 if mode is None:
                     layer = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
                     flops.append(6.0 * n_tokens * d_in * d_out)
@@ -146,19 +167,23 @@ def run(args) -> None:
                     layer = cls(d_in, d_out, bias=False, block_size=b, neumann_terms=args.neumann_terms,
                                 mode=mode, device=device, dtype=dtype, generator=gen)
                     flops.append(poet_flops(n_tokens, d_in, d_out, b, args.neumann_terms, mode == "mem"))
+                    if fp8 is not None:
+                        enable_fp8(layer, fp8)
+                        name += f" ({layer.fp8.backend.name})"
                 if kmode == "auto" and not rotation_supported(x, layer.input_side.blocks(dtype)):
                     raise RuntimeError(f"{name}: the kernels do not take this shape/dtype (or Triton is "
                                        f"missing); the row would time the PyTorch path")
                 timers.append(Timer(layer, x, dy, kmode))
+                names.append(name)
             for round_ in range(args.warmup + args.reps):
                 for timer in timers:
                     timer.step(record=round_ >= args.warmup)
             base_ms = statistics.median(timers[0].times)
-            for (name, *_), timer, f in zip(variants, timers, flops):
+            for name, timer, f in zip(names, timers, flops):
                 ms = statistics.median(timer.times)
                 peak = "n/a" if timer.peak != timer.peak else f"{timer.peak:.0f}"  # nan on CPU
                 print(f"| {d_in} -> {d_out} | {n_tokens} | {name} | {ms:.3f} | {ms / base_ms:.2f} | "
-                      f"{f / ms / 1e9:.3g} | {f / flops[0]:.2f} | {peak} |", flush=True)
+                      f"{f / ms / 1e9:.3g} | {f / flops[0]:.2f} | {peak} | {timer.static_mib():.1f} |", flush=True)
 
 
 def main() -> None:
@@ -173,6 +198,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--cpu", action="store_true", help="run the reduced CPU benchmark even if a GPU exists")
     parser.add_argument("--compare-checkout", help="also time POETLinear of this checkout directory")
+    parser.add_argument("--fp8-recipes", nargs="*", choices=RECIPES, default=[DEFAULT_RECIPE],
+                        help=f"FP8 rows (default: {DEFAULT_RECIPE}; none: no FP8 rows)")
+    parser.add_argument("--fp8-format", choices=FORMATS, default="hybrid")
     run(parser.parse_args())
 
 

@@ -184,17 +184,19 @@ def stage_layer(runner: Runner, config: Config, timeout: float) -> list[Row]:
     """One layer fwd+bwd (tools/benchmark_poet_linear.py); its table's rows become ours."""
     cmd = [sys.executable, os.path.join("tools", "benchmark_poet_linear.py"), *config.layer]
     result = runner.run(cmd, timeout, _env())
-    rows = []
+    rows, names = [], None
     for line in result.output.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 8 or not re.fullmatch(r"[\d.]+", cells[3]):
-            continue
-        shape, tokens, method, ms, ratio, tflops, floor, _ = cells
-        mode = method.split(",")[0]
-        target = config.targets.get(mode) if "kernels" in method else None
-        target_text = "-" if target is None else f"<= {target}x: {'met' if float(ratio) <= target else 'missed'}"
-        rows.append(("layer", f"{shape}, {tokens} tokens, {method}", "ok", f"{ms} ms, {tflops} TFLOP/s",
-                     f"{ratio}x nn.Linear (FLOP floor {floor}x)", target_text))
+        if cells[0] == "d_in -> d_out":
+            names = cells  # the header: columns are found by name
+        elif names and len(cells) == len(names) and re.fullmatch(r"[\d.]+", cells[names.index("ms")]):
+            row = dict(zip(names, cells))
+            ratio, method = row["x nn.Linear"], row["method"]
+            target = config.targets.get(method.split(",")[0]) if "kernels" in method else None
+            verdict = "-" if target is None else f"<= {target}x: {'met' if float(ratio) <= target else 'missed'}"
+            rows.append(("layer", f"{row['d_in -> d_out']}, {row['tokens']} tokens, {method}", "ok",
+                         f"{row['ms']} ms, {row['TFLOP/s']} TFLOP/s",
+                         f"{ratio}x nn.Linear (FLOP floor {row['FLOP floor x nn.Linear']}x)", verdict))
     if not result.ok or not rows:
         rows.append(("layer", "tools/benchmark_poet_linear.py " + " ".join(config.layer),
                      result.status if not result.ok else "FAILED (no table)", _why(result), "-", "-"))

@@ -19,10 +19,10 @@ megatron-core assumes CUDA in a handful of places that a CPU run reaches:
    -> rebound to the same scaling without that assertion.
 5. ``torch.cuda.synchronize`` / ``current_stream`` / ``default_stream`` /
    ``Stream`` / ``stream`` (checkpointing, DDP) -> no-ops on a dummy stream.
-6. ``DistributedOptimizer``'s constructor accepts only ``torch.cuda.*Tensor``
-   type names -> it runs with CPU tensors reporting the CUDA names (only inside
-   the constructor); its gradient reduce-scatter falls back to all-reduce + the
-   local slice where gloo lacks reduce-scatter (torch 2.13's gloo has it).
+6. The constructors of ``DistributedOptimizer`` and (``--bf16``) ``Float16OptimizerWithFloat16Params``
+   accept only ``torch.cuda.*Tensor`` type names -> they run with CPU tensors reporting the CUDA
+   names (only inside the constructor); the distributed optimizer's gradient reduce-scatter falls
+   back to all-reduce + the local slice where gloo lacks reduce-scatter (torch 2.13's gloo has it).
 
 Nothing else changes: all computation is ordinary CPU PyTorch over gloo.
 
@@ -70,7 +70,7 @@ def use_cpu_backend_if_no_cuda() -> bool:
     _patch_streams()
     _patch_rng()
     _patch_grad_clipping()
-    _patch_distributed_optimizer()
+    _patch_optimizers()
     _INSTALLED = True
     return True
 
@@ -255,18 +255,25 @@ def _cpu_tensors_report_cuda_types():
         torch.Tensor.type = original
 
 
-def _patch_distributed_optimizer() -> None:
-    from megatron.core.distributed import param_and_grad_buffer
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    init = DistributedOptimizer.__init__
+def _constructed_with_cuda_type_names(cls: type) -> None:
+    """``cls(...)`` sees CPU tensors reporting the CUDA type names (only inside its constructor)."""
+    init = cls.__init__
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         with _cpu_tensors_report_cuda_types():
             init(self, *args, **kwargs)
 
-    DistributedOptimizer.__init__ = __init__
+    cls.__init__ = __init__
+
+
+def _patch_optimizers() -> None:
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for cls in (DistributedOptimizer, Float16OptimizerWithFloat16Params):  # the latter: --bf16
+        _constructed_with_cuda_type_names(cls)
     param_and_grad_buffer.dist_reduce_scatter_func = _with_fallback(param_and_grad_buffer.dist_reduce_scatter_func)
 
 

@@ -155,6 +155,12 @@ class _POETParallelLinear(POETModule):
     def _sharded_side_name(self) -> str:
         return "output_side" if self.column else "input_side"
 
+    def tensor_parallel_layout(self) -> tuple:
+        if self.tp_size == 1:
+            return None, None, None
+        sharded = (None, self.tp_group) if self.column else (self.tp_group, None)
+        return *sharded, self.sharded.group_size
+
     def global_indices(self, local: torch.Tensor, axis: int) -> torch.Tensor:
         """Global (Megatron layout) indices of local indices along ``axis`` (0: rows, 1: columns)."""
         return self.sharded.local_to_global[local.cpu()] if axis == self.sharded_axis else local.cpu()
@@ -295,7 +301,8 @@ class POETColumnParallelLinear(_POETParallelLinear):
         self._check_ready(input_, self.input_size)
         if self._recompute():
             comm = _ReplicatedInputComm(self.tp_group, self.sequence_parallel) if self.tp_size > 1 else None
-            y = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, comm=comm)
+            y = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, comm=comm,
+                                       fp8=self.fp8)
         else:
             z = rotate_input(input_, self.input_side)
             if self.sequence_parallel:
@@ -303,7 +310,8 @@ class POETColumnParallelLinear(_POETParallelLinear):
             elif self.tp_size > 1:
                 z = _ContiguousGrad.apply(compat.copy_to_tensor_model_parallel_region(z, group=self.tp_group))
             # Without a bias the consumer (attention, SwiGLU) keeps y anyway: saving it costs nothing.
-            y = rotate_output(frozen_linear(z, self.frozen_weight), self.output_side, save_output=self.bias is None)
+            y = rotate_output(frozen_linear(z, self.frozen_weight, self.fp8), self.output_side,
+                              save_output=self.bias is None)
         y, bias = self._bias_output(y)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather and self.tp_size > 1:
@@ -346,11 +354,11 @@ class POETRowParallelLinear(_POETParallelLinear):
         self._check_ready(input_, self.sharded.local_size)
         if self._recompute() and self.tp_size == 1:  # nothing to reduce: recompute the whole layer
             return self._bias_output(
-                recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side))
+                recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, fp8=self.fp8))
         if self._recompute():
-            h = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, None)
+            h = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, None, fp8=self.fp8)
         else:
-            h = frozen_linear(rotate_input(input_, self.input_side), self.frozen_weight)
+            h = frozen_linear(rotate_input(input_, self.input_side), self.frozen_weight, self.fp8)
         if self.sequence_parallel:
             h = compat.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
         elif self.tp_size > 1:

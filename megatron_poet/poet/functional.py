@@ -28,14 +28,15 @@ from .rotation import input_rotation, input_side_grads, output_rotation, output_
 from .side import OrthogonalSide
 
 
-def frozen_gemm(z: torch.Tensor, frozen_weight: torch.Tensor) -> torch.Tensor:
-    """``h = z A0'^T``: ``(..., d_in) -> (..., d_out)``."""
-    return F.linear(z, frozen_weight)
+def frozen_gemm(z: torch.Tensor, frozen_weight: torch.Tensor, fp8=None) -> torch.Tensor:
+    """``h = z A0'^T``: ``(..., d_in) -> (..., d_out)``; in FP8 with ``fp8`` (a layer's
+    :class:`~megatron_poet.poet.fp8.FP8FrozenGemm`)."""
+    return F.linear(z, frozen_weight) if fp8 is None else fp8.forward(z, frozen_weight)
 
 
-def frozen_gemm_input_grad(grad_h: torch.Tensor, frozen_weight: torch.Tensor) -> torch.Tensor:
-    """``dL/dz = dL/dh A0'``: ``(..., d_out) -> (..., d_in)`` (there is no weight gradient)."""
-    return torch.matmul(grad_h, frozen_weight)
+def frozen_gemm_input_grad(grad_h: torch.Tensor, frozen_weight: torch.Tensor, fp8=None) -> torch.Tensor:
+    """``dL/dz = dL/dh A0'``: ``(..., d_out) -> (..., d_in)`` (there is no weight gradient); FP8 with ``fp8``."""
+    return torch.matmul(grad_h, frozen_weight) if fp8 is None else fp8.input_grad(grad_h, frozen_weight)
 
 
 def _blocks_for_backward(side: OrthogonalSide, skew: torch.Tensor, dtype: torch.dtype, need_grad: bool):
@@ -90,14 +91,15 @@ class _RotateInput(torch.autograd.Function):
 
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, frozen_weight):
+    def forward(ctx, z, frozen_weight, fp8):
         ctx.save_for_backward(frozen_weight)  # a reference: the version counter catches a merge mid-step
-        return frozen_gemm(z, frozen_weight)
+        ctx.fp8 = fp8
+        return frozen_gemm(z, frozen_weight, fp8)
 
     @staticmethod
     def backward(ctx, grad_h):
         (frozen_weight,) = ctx.saved_tensors
-        return frozen_gemm_input_grad(grad_h, frozen_weight), None
+        return frozen_gemm_input_grad(grad_h, frozen_weight, ctx.fp8), None, None
 
 
 class _RotateOutput(torch.autograd.Function):
@@ -121,11 +123,11 @@ class _RotateOutput(torch.autograd.Function):
 
 class _RecomputedPOETLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, frozen_weight, skew_in, perm_in, inv_in, skew_out, perm_out, inv_out, sides, comm):
+    def forward(ctx, x, frozen_weight, skew_in, perm_in, inv_in, skew_out, perm_out, inv_out, sides, comm, fp8):
         in_side, out_side = sides
         z, _ = input_rotation(x, perm_in, in_side.build_blocks(skew_in, x.dtype), in_side.segment)
-        h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight)
-        ctx.sides, ctx.comm = sides, comm
+        h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, fp8)
+        ctx.sides, ctx.comm, ctx.fp8 = sides, comm, fp8
         ctx.save_for_backward(x, frozen_weight, skew_in, perm_in, inv_in, skew_out, perm_out)
         if out_side is None:
             return h
@@ -142,18 +144,18 @@ class _RecomputedPOETLinear(torch.autograd.Function):
         grad_h = grad_y
         if out_side is not None:
             leaf_p, graph_p, g_p = _blocks_for_backward(out_side, skew_out, x.dtype, needs[5])
-            h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight)
+            h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, ctx.fp8)
             grad_h, grad_p = output_side_grads(grad_y, g_p, perm_out, out_side.segment, h=h)
             del h
             leaves, graphs, grads = [leaf_r, leaf_p], [graph_r, graph_p], [None, grad_p]
-        grad_z = frozen_gemm_input_grad(grad_h, frozen_weight)
+        grad_z = frozen_gemm_input_grad(grad_h, frozen_weight, ctx.fp8)
         if comm:
             grad_z = comm.backward(grad_z)
         del z
         grad_x, grads[0] = input_side_grads(grad_z, g_r, perm_in, in_side.segment, x=x, x_perm=x_perm,
                                             inv_perm=inv_in, need_input_grad=needs[0])
         skew_grads = _skew_grads(leaves, graphs, grads) + [None]
-        return grad_x, None, skew_grads[0], None, None, skew_grads[1], None, None, None, None
+        return grad_x, None, skew_grads[0], None, None, skew_grads[1], None, None, None, None, None
 
 
 def rotate_input(x: torch.Tensor, side: OrthogonalSide, skew: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,9 +166,12 @@ def rotate_input(x: torch.Tensor, side: OrthogonalSide, skew: torch.Tensor | Non
     return _RotateInput.apply(x, side.skew if skew is None else skew, side.perm, side.inv_perm, side)
 
 
-def frozen_linear(z: torch.Tensor, frozen_weight: torch.Tensor) -> torch.Tensor:
-    """``h = A0' z`` ``(..., d_in) -> (..., d_out)``; no gradient for ``A0'``, nothing saved but a reference."""
-    return _FrozenLinear.apply(z, frozen_weight)
+def frozen_linear(z: torch.Tensor, frozen_weight: torch.Tensor, fp8=None) -> torch.Tensor:
+    """``h = A0' z`` ``(..., d_in) -> (..., d_out)``; no gradient for ``A0'``, nothing saved but a reference.
+
+    ``fp8``: the layer's FP8 GEMM (:class:`~megatron_poet.poet.fp8.FP8FrozenGemm`) or None (bf16/fp32).
+    """
+    return _FrozenLinear.apply(z, frozen_weight, fp8)
 
 
 def rotate_output(h: torch.Tensor, side: OrthogonalSide, *, save_output: bool = False,
@@ -177,26 +182,27 @@ def rotate_output(h: torch.Tensor, side: OrthogonalSide, *, save_output: bool = 
 
 def recomputed_poet_linear(
     x: torch.Tensor, frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide | None,
-    *, comm=None, input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None,
+    *, comm=None, input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None, fp8=None,
 ) -> torch.Tensor:
     """"mem" mode: ``P A0' R x`` (or ``A0' R x`` without ``output_side``), saving only ``x``.
 
     ``comm`` (optional) sits between ``R`` and the GEMM: ``comm.forward(z)`` in forward (and
     again in the backward recomputation), ``comm.backward(grad)`` on the GEMM's input gradient
-    (the tensor-parallel layers pass their copy/all-gather here). Shapes ``(..., d_in) -> (..., d_out)``.
+    (the tensor-parallel layers pass their copy/all-gather here). ``fp8``: as :func:`frozen_linear`.
+    Shapes ``(..., d_in) -> (..., d_out)``.
     """
     skew_out = None if output_side is None else (output_side.skew if output_skew is None else output_skew)
     out_perms = (None, None) if output_side is None else (output_side.perm, output_side.inv_perm)
     return _RecomputedPOETLinear.apply(
         x, frozen_weight, input_side.skew if input_skew is None else input_skew, input_side.perm,
-        input_side.inv_perm, skew_out, *out_perms, (input_side, output_side), comm,
+        input_side.inv_perm, skew_out, *out_perms, (input_side, output_side), comm, fp8,
     )
 
 
 def poet_linear(
     x: torch.Tensor, frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide,
     bias: torch.Tensor | None = None, *, recompute: bool = False,
-    input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None,
+    input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None, fp8=None,
 ) -> torch.Tensor:
     """POET forward, input-centric: ``(..., d_in) -> (..., d_out)``.
 
@@ -205,11 +211,12 @@ def poet_linear(
         input_side, output_side: ``R`` and ``P`` (their ``skew`` unless ``input_skew``/``output_skew`` given).
         bias: ``(d_out,)`` or None.
         recompute: "mem" mode (saves ``x`` only) instead of "fast" (saves ``x`` and ``h``).
+        fp8: the layer's FP8 GEMM for ``A0'`` (:func:`frozen_linear`) or None.
     """
     if recompute:
         y = recomputed_poet_linear(x, frozen_weight, input_side, output_side,
-                                   input_skew=input_skew, output_skew=output_skew)
+                                   input_skew=input_skew, output_skew=output_skew, fp8=fp8)
     else:
         z = rotate_input(x, input_side, input_skew)
-        y = rotate_output(frozen_linear(z, frozen_weight), output_side, skew=output_skew)
+        y = rotate_output(frozen_linear(z, frozen_weight, fp8), output_side, skew=output_skew)
     return y if bias is None else y + bias

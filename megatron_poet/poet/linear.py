@@ -32,6 +32,9 @@ class POETModule(nn.Module):
     frozen_weight: torch.Tensor
     frozen_master: torch.Tensor | None
     norm_axis: int = 0  # 0: per row (output feature), 1: per column
+    # The frozen GEMM in FP8 once megatron_poet.poet.fp8.enable_fp8 ran (an FP8FrozenGemm holding the
+    # FP8 copies of A0: a plain attribute, never saved), else None.
+    fp8 = None
     # Layout-independent name seeding this layer's merges (MergeScheduler); None: its module path.
     identity: str | None = None
 
@@ -42,6 +45,12 @@ class POETModule(nn.Module):
     def merge_and_reset(self, generator: torch.Generator | None = None) -> None:
         """Fold ``P A0 R`` into ``A0`` (spectrum-exact, :mod:`.merge`), draw fresh permutations, set every ``Q`` to 0."""
         raise NotImplementedError
+
+    def tensor_parallel_layout(self) -> tuple:
+        """``(input group, output group, permutation group size)``: the process group over which
+        ``A0``'s input / output dimension is sharded (None: not sharded), and the sharded side's
+        permutation group size (None without tensor parallelism)."""
+        return None, None, None
 
     @torch.no_grad()
     def orthogonality_error(self) -> torch.Tensor:
@@ -69,6 +78,8 @@ class POETModule(nn.Module):
     @torch.no_grad()
     def _merge(self, new_perm_in: torch.Tensor, new_perm_out: torch.Tensor) -> None:
         """Fold the exact orthogonal factors into ``A0`` and restart both sides with the new permutations."""
+        if self.fp8 is not None:
+            self.fp8.invalidate()  # freed before the fold's temporaries; rebuilt at the next GEMM
         rows = self.output_side.inv_perm[new_perm_out.to(self.output_side.inv_perm.device)]
         cols = self.input_side.inv_perm[new_perm_in.to(self.input_side.inv_perm.device)]
         if self.frozen_master is None:
@@ -226,7 +237,7 @@ class POETLinear(POETModule):
                 f"(input shape {tuple(x.shape)})"
             )
         return poet_linear(x, self.frozen_weight, self.input_side, self.output_side, self.bias,
-                           recompute=self.config.mode == "mem")
+                           recompute=self.config.mode == "mem", fp8=self.fp8)
 
     @torch.no_grad()
     def merge_and_reset(self, generator: torch.Generator | None = None) -> None:

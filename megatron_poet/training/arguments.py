@@ -14,6 +14,7 @@ import os
 from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
 from megatron_poet.poet.init import INIT_SCHEMES
 
+from . import fp8
 from .engine import deepspeed_config
 from .flag_help import document
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 = no clipping")
-    g.add_argument("--bf16", action="store_true", help="bf16 weights/activations, fp32 main params (GPU)")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights/activations, fp32 main params")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
 
     deepspeed_config.add_arguments(p)
+    fp8.add_arguments(p)
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -322,6 +324,7 @@ def validate_args(args: argparse.Namespace) -> None:
          f"gpt2 style's learned position table has no row for the later positions; raise "
          f"--max-position-embeddings or lower --seq-length")
     errors += deepspeed_config.deepspeed_arg_errors(args)
+    errors += fp8.fp8_arg_errors(args)
     if args.poet:
         _check_poet(args, need, bool(errors))
     if errors:

@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from .arguments import poet_config
+from .fp8 import enable_run_fp8, transformer_fp8_fields
 
 
 def transformer_config(args: argparse.Namespace):
@@ -31,6 +32,7 @@ def transformer_config(args: argparse.Namespace):
         # Fusions need Apex/TE kernels; off so the same config runs on any device.
         bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        **transformer_fp8_fields(args),
     )
     if args.model_style == "llama":
         return llama_config(args.num_layers, args.hidden_size, args.num_attention_heads, **common)
@@ -53,6 +55,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
         config: the ``TransformerConfig`` to use (default: a new :func:`transformer_config`).
     The same ``--seed`` gives the same model at any parallel layout.
     Raises ValueError for a layout the layers cannot take (listed by the megatron builders).
+    With ``--fp8-format`` the POET layers' frozen GEMMs run in FP8 (:mod:`.fp8`).
     """
     from megatron_poet.megatron.model import build_gpt2_model, build_llama_model
 
@@ -64,7 +67,9 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
     else:
         model = build_gpt2_model(config, poet_config(args), vocab_size, args.max_position_embeddings, **common)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return model.to(device)
+    model = model.to(device)
+    enable_run_fp8(args, model)
+    return model
 
 
 def build_model_chunks(args: argparse.Namespace, vocab_size: int) -> list:

@@ -22,6 +22,7 @@ from .arguments import ArgumentError, parse_args
 from .checkpointing import CheckpointError, check_checkpoint_args
 from .engine import build_engine
 from .finite import EXIT_DIVERGED, TrainingDiverged
+from .fp8 import describe_run_fp8
 from .logging import TrainingLogger
 from .model_provider import build_model_chunks, padded_vocab_size
 from .process import (output_on_rank_zero_only, prepare_training_process, rank_from_env,
@@ -80,8 +81,6 @@ def _run(argv: list[str] | None) -> int:
     try:
         with output_on_rank_zero_only():  # argparse's --help and errors
             args = parse_args(argv)
-        if args.bf16 and not torch.cuda.is_available():
-            raise ArgumentError("--bf16 needs CUDA GPUs (megatron's mixed-precision optimizer); drop it on CPU")
     except ArgumentError as e:
         if rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -128,7 +127,8 @@ def _run(argv: list[str] | None) -> int:
             f"backend {backend}, "
             f"world {args.world_size} (TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, "
             f"DP {args.data_parallel_size}), {n_params:,} trainable parameters per model-parallel rank, "
-            f"vocab {args.vocab_size_unpadded} (padded {vocab}), data {' '.join(args.data_path or ['mock'])}"
+            f"vocab {args.vocab_size_unpadded} (padded {vocab}), data {' '.join(args.data_path or ['mock'])}, "
+            f"{'bf16' if args.bf16 else 'fp32'}, FP8 {describe_run_fp8(args, model_chunks)}"
         )
         if iteration:
             logger.print(f" resumed from {args.load} at iteration {iteration} ({consumed} consumed samples)")
