@@ -27,12 +27,15 @@ PADDED = 128
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_world():
+    saved = dict(os.environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), RANK="0", WORLD_SIZE="1")
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
     initialize_distributed(seed=1234)
     yield
     destroy_distributed()
+    os.environ.clear()  # later tests' subprocesses must not inherit this rendezvous
+    os.environ.update(saved)
 
 
 def megatron_gpt(style="llama", *, groups=2, tie=False, bias=False, qk_layernorm=False, seed=0):

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,8 +35,14 @@ def _number(text: str) -> float:
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.md"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_report.py"), "--dry-run", "--output",
-                           str(out)], capture_output=True, text=True, timeout=600)
+    # A caller's rendezvous (here: a port in use, as a test process or torchrun job leaves it) must not leak
+    # into the report's own runs.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(busy.getsockname()[1]), RANK="0")
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_report.py"), "--dry-run", "--output",
+                               str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, out
 

@@ -123,9 +123,16 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+# A rendezvous inherited from the caller (a torchrun job, a test process) is not this report's: its runs
+# are single-node runs of their own, each with a free port.
+_RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                   "NNODES", "NODE_RANK", "GPUS_PER_NODE")
+
+
 def _env(**extra) -> dict:
     # TRITON_CACHE_AUTOTUNING: later processes reuse the kernels' autotuning results (Triton >= 3.4).
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_CACHE_AUTOTUNING="1", **extra)
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_ENV}
+    env.update(PYTHONUNBUFFERED="1", TRITON_CACHE_AUTOTUNING="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     return env
 
