@@ -4,7 +4,7 @@ exec "$(command -v python || command -v python3)" "$0" "$@"
 ":"""
 # Pretrain a small GPT with POET linear layers on megatron-core: one CPU, GPUs, or several nodes.
 #
-#   bash examples/pretrain_gpt_poet.sh                     # small POET GPT, built-in corpus, ~2 minutes on 2 CPU cores
+#   bash examples/pretrain_gpt_poet.sh                     # small POET GPT, built-in corpus, 2-3 minutes on 2 CPU cores
 #   bash examples/pretrain_gpt_poet.sh --train-iters 50 --hidden-size 256   # your flags override FLAGS below
 #   bash examples/pretrain_gpt_poet.sh --no-poet           # the AdamW baseline with Megatron's own linears
 #   torchrun --nproc-per-node 2 examples/pretrain_gpt_poet.sh [flags]        # the same under torchrun
