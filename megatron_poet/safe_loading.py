@@ -42,8 +42,10 @@ import torch
 NUMPY_ARRAYS = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
                 "numpy.dtype")
 _NUMERIC_DTYPES = ("?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
-# The only megatron dist_checkpointing backends this program writes (``metadata.json``).
-DIST_CHECKPOINT_BACKENDS = {"sharded_backend": "torch_dist", "common_backend": "torch"}
+# The only megatron dist_checkpointing backends this program writes (``metadata.json``), per key: the
+# accepted values, the first the expected one. megatron-core >= 0.17 records no ``common_backend`` (its
+# ``common.pt`` is always torch's), so that key may be absent.
+DIST_CHECKPOINT_BACKENDS = {"sharded_backend": ("torch_dist",), "common_backend": ("torch", None)}
 _DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
                          "torch.distributed.checkpoint.filesystem")
 
@@ -259,9 +261,9 @@ def check_dist_checkpoint(path: str) -> None:
             backends = json.load(f)
     except (OSError, ValueError) as err:
         raise UnsafeFileError(f"cannot read {os.path.join(path, 'metadata.json')}: {err}") from None
-    for key, expected in DIST_CHECKPOINT_BACKENDS.items():
-        if not isinstance(backends, dict) or backends.get(key) != expected:
-            raise UnsafeFileError(f"{os.path.join(path, 'metadata.json')}: {key} must be {expected!r} (what this "
+    for key, accepted in DIST_CHECKPOINT_BACKENDS.items():
+        if not isinstance(backends, dict) or backends.get(key) not in accepted:
+            raise UnsafeFileError(f"{os.path.join(path, 'metadata.json')}: {key} must be {accepted[0]!r} (what this "
                                   f"program writes), found {backends.get(key) if isinstance(backends, dict) else backends!r}")
     common = os.path.join(path, "common.pt")
     if os.path.exists(common):

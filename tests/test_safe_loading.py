@@ -148,9 +148,14 @@ def test_other_dist_checkpoint_backends_are_refused(tmp_path, marker):
     from megatron_poet.safe_loading import UnsafeFileError, check_dist_checkpoint
 
     ckpt = _dist_checkpoint(tmp_path / "ckpt", marker[0])
-    (tmp_path / "ckpt" / "metadata.json").write_text(json.dumps({**DIST_METADATA, "common_backend": "zarr"}))
-    with pytest.raises(UnsafeFileError, match="common_backend must be 'torch'"):
-        check_dist_checkpoint(ckpt)
+    metadata = tmp_path / "ckpt" / "metadata.json"
+    for key, value in (("common_backend", "zarr"), ("sharded_backend", "zarr"), ("sharded_backend", None)):
+        metadata.write_text(json.dumps({k: v for k, v in {**DIST_METADATA, key: value}.items() if v is not None}))
+        with pytest.raises(UnsafeFileError, match=f"{key} must be '{DIST_METADATA[key]}'"):
+            check_dist_checkpoint(ckpt)
+    # megatron-core >= 0.17 writes no common_backend (common.pt is always torch's): accepted
+    metadata.write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+    check_dist_checkpoint(ckpt)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason='deepspeed not installed (".[deepspeed]")')
