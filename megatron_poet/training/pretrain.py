@@ -30,6 +30,15 @@ from .process import (output_on_rank_zero_only, prepare_training_process, rank_f
 from .train import train
 
 
+def _first_error_of_any_rank(error: Exception | None) -> str | None:
+    """The message of the lowest rank's ``error`` if any rank has one, on every rank. A file only one
+    rank reads (its RNG shard) can fail there alone: megatron-core 0.16's loader re-raises that on
+    every rank, 0.19's does not, and the other ranks must not start training."""
+    messages = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(messages, None if error is None else str(error))
+    return next((message for message in messages if message is not None), None)
+
+
 def _setup_tokenizer(args: argparse.Namespace):
     """The run's tokenizer; fills ``args.data_path``/``tokenizer_model`` for the default corpus."""
     from megatron_poet.data import build_tokenizer, prepare_default_data
@@ -115,10 +124,13 @@ def _run(argv: list[str] | None) -> int:
         n_params = sum(p.numel() for chunk in model_chunks for p in chunk.parameters() if p.requires_grad)
         engine = build_engine(args, model_chunks)
         try:
-            state = engine.load_checkpoint()
-        except (CheckpointError, UnsafeFileError) as e:  # every rank refuses an unsafe file alike
+            state, refusal = engine.load_checkpoint(), None
+        except (CheckpointError, UnsafeFileError) as e:
+            refusal = e
+        refusal = _first_error_of_any_rank(refusal)
+        if refusal is not None:
             if torch.distributed.get_rank() == 0:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {refusal}", file=sys.stderr)
             return 2
         iteration, consumed = state.iteration, state.consumed_samples
         logger = TrainingLogger(args, vocab, iteration)
