@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -278,3 +280,17 @@ def test_large_blocks_on_gpu(b):
     for side in ("input", "output"):
         rotation_case(side, torch.bfloat16, b, 4096 // b, (1000,), seed=b + 1)
         rotation_case(side, torch.float32, b, 2, (300,), seed=b + 2)
+
+
+def test_checkout_does_not_shadow_the_installed_kernels_package(tmp_path):
+    """`python -m ...` from the checkout puts kernels/ on sys.path as top-level `kernels`; PyPI's `kernels`
+    (imported by transformers >= 5.25) must still be what `import kernels` gives, and ours stays reachable."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'installed'\n")
+    probe = ("import kernels, megatron_poet.kernels as ours; "
+             "print(getattr(kernels, 'CUDAProperties', 'checkout'), ours.current_mode.__module__)")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))  # after the checkout ('' = cwd) on sys.path
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["installed", "megatron_poet.kernels.dispatch"], out.stdout
