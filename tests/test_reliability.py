@@ -197,3 +197,41 @@ def test_resume_refuses_a_malicious_object_in_a_distcp_file(data, diverging_run,
     assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]
     assert "refusing to load an object stored in checkpoint" in errors[0] and "posix.system" in errors[0]
     assert not pwned.exists()
+
+
+def test_factors_far_from_orthogonal_stop_the_run_before_a_save(data, tmp_path):
+    """--lr/--poet-lr 1e4: after iteration 2 the skew blocks are ~1e4 (finite, so the non-finite guard
+    passes them) and G^T G - I is ~1e38. The run stops there, once, before saving iteration 2; the
+    iteration-1 checkpoint it names exports as a finite model. (Before issue 19 the run saved such
+    factors, and the export folded them into weights up to 2.8e38 and inf.)"""
+    from megatron_poet.export.from_checkpoint import convert_checkpoint
+    from megatron_poet.training.checkpointing import latest_iteration
+
+    ckpt = str(tmp_path / "ckpt")
+    out = run(data + TINY + ["--lr", "1e4", "--poet-lr", "1e4", "--train-iters", "4", "--save", ckpt,
+                             "--save-interval", "1"], check=False)
+    errors = re.findall(r"^error: .*$", out.stderr, re.M)
+    assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]
+    assert "iteration 2: a POET factor's orthogonality error" in errors[0], errors
+    assert "past --poet-max-orthogonality-error 0.25" in errors[0] and "iter_0000001" in errors[0], errors
+    assert latest_iteration(ckpt) == 1 and not os.path.exists(os.path.join(ckpt, "iter_0000002"))
+    convert_checkpoint(ckpt, str(tmp_path / "hf"), progress=False)
+
+
+def test_export_refuses_factors_far_from_orthogonal(data, tmp_path):
+    """With the stop off (--poet-max-orthogonality-error 0) the log warns once and the run saves such
+    factors; the export checks the folded model and refuses it, naming the layers, unless told not to."""
+    from megatron_poet.export.from_checkpoint import convert_checkpoint
+    from megatron_poet.export.hf_export import UnsafeWeightsError
+
+    ckpt = str(tmp_path / "ckpt")
+    out = run(data + TINY + ["--lr", "1e4", "--poet-lr", "1e4", "--train-iters", "4", "--save", ckpt,
+                             "--save-interval", "1", "--exit-interval", "3", "--poet-max-orthogonality-error", "0"])
+    warnings = re.findall(r"^warning: .*orthogonality.*$", out.stdout, re.M)
+    assert len(warnings) == 1 and "past --poet-orthogonality-warning 0.01" in warnings[0], out.stdout[-3000:]
+    with pytest.raises(UnsafeWeightsError, match=r"refusing to export a diverged model: \d+ POET layers have "
+                                                 r"factors past orthogonality error 0\.25 .*decoder\.layers\.0\."):
+        convert_checkpoint(ckpt, str(tmp_path / "hf"), progress=False)
+    assert not os.path.exists(tmp_path / "hf" / "model.safetensors")
+    convert_checkpoint(ckpt, str(tmp_path / "hf"), progress=False, allow_non_finite=True)
+    assert os.path.isfile(tmp_path / "hf" / "model.safetensors")

@@ -181,31 +181,32 @@ def test_no_poet_baseline_trains_and_logs_to_tensorboard(data, tmp_path):
     assert any(tag.startswith("validation") for tag in events.Tags()["scalars"]), events.Tags()["scalars"]
 
 
-def test_tensor_parallel_2_and_resume_at_tp_1(data, tmp_path):
-    """TP=2 trains; its iteration-3 checkpoint resumed at TP=1 gives the TP=2 run's next loss.
+def test_one_model_whatever_the_vocabulary_padding(data, tmp_path):
+    """The 320-token vocabulary padded to 384 (TP=2 and PP=2 with --make-vocab-size-divisible-by 64 x TP
+    and 128) or not at all (TP=1) trains the same model, and TP=2's iteration-3 checkpoint resumed at
+    TP=1 (other padding) continues it: padded rows are zero and masked out of the softmax.
 
-    The vocabulary is padded to a multiple of 32 x TP, so 320 tokens pad to 320 at both
-    sizes: padded logits enter the softmax, and a different padding would change the loss.
-    Tolerance 1e-5 relative: TP=2 and TP=1 sum the same products in another order (fp32).
+    Before issue 19 the padded logits entered the softmax and the first loss already differed.
+    Tolerance 1e-5 relative: the layouts sum the same products in another order (fp32).
     """
-    ckpt = str(tmp_path / "ckpt")
-    common = data + TINY + ["--train-iters", "6", "--poet-merge-interval", "3", "--make-vocab-size-divisible-by",
-                            "32", "--save", ckpt, "--save-interval", "3"]
-    out = run(common + ["--tensor-model-parallel-size", "2"], nproc=2)
-    got = losses(out)
-    assert "TP 2" in out.stdout and "merges: 2" in out.stdout
-    assert float(got[6]) < float(got[1]) - 0.3, got
     from megatron_poet.training.checkpointing import _write_marker
 
+    ckpt = str(tmp_path / "ckpt")
+    common = data + TINY + ["--train-iters", "6", "--poet-merge-interval", "3"]
+    out = run(common + ["--tensor-model-parallel-size", "2", "--save", ckpt, "--save-interval", "3"], nproc=2)
+    assert "TP 2" in out.stdout and "merges: 2" in out.stdout and "(padded 384)" in out.stdout
+    got = {i: float(v) for i, v in losses(out).items()}
+    assert got[6] < got[1] - 0.3, got
+    layouts = {"TP=1, padded 320": (common, 1),
+               "PP=2, padded 384": (common + ["--pipeline-model-parallel-size", "2", "--make-vocab-size-divisible-by",
+                                              "128"], 2)}
+    for layout, (argv, nproc) in layouts.items():
+        other = {i: float(v) for i, v in losses(run(argv, nproc=nproc)).items()}
+        assert other.keys() == got.keys() and all(abs(other[i] / got[i] - 1) < 1e-5 for i in got), (layout, other, got)
     _write_marker(ckpt, 3)
-    out = run(common + ["--load", ckpt])
-    resumed = losses(out)
+    resumed = {i: float(v) for i, v in losses(run(common + ["--load", ckpt])).items()}
     assert sorted(resumed) == [4, 5, 6]
-    assert abs(float(resumed[4]) / float(got[4]) - 1) < 1e-5, (resumed, got)
-    assert "warning: the checkpoint's vocabulary" not in out.stdout
-    _write_marker(ckpt, 3)
-    out = run(common + ["--load", ckpt, "--make-vocab-size-divisible-by", "128"])  # pads to 384, not 320
-    assert "was padded to 320 and this run pads it to 384" in out.stdout
+    assert all(abs(resumed[i] / got[i] - 1) < 1e-5 for i in resumed), (resumed, got)
 
 
 def test_data_parallel_2_distributed_optimizer_merge_and_resume(data, tmp_path):

@@ -129,7 +129,8 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
         tokenizer: tokenizer to ship instead of the one the run recorded.
         max_shard_size: shard the safetensors above this size.
         progress: tqdm progress bars.
-        allow_non_finite: export even if the checkpoint's tensors hold NaN or inf.
+        allow_non_finite: export even if the checkpoint's tensors or the folded weights hold NaN or
+            inf, or its POET factors are far from orthogonal.
     Raises:
         CheckpointReadError: unreadable / incomplete / unsafe checkpoint, non-finite tensors
             (unless ``allow_non_finite``), missing tokenizer.
@@ -171,7 +172,7 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
         if not allow_non_finite:
             _check_finite(model, path)
         spec = export_gpt_model(model, output, tokenizer=token_info, dtype=dtype,
-                                max_shard_size=max_shard_size, progress=progress)
+                                max_shard_size=max_shard_size, progress=progress, check=not allow_non_finite)
     finally:
         if started:
             destroy_distributed()

@@ -82,8 +82,35 @@ def hf_state_and_config(model, tokenizer: TokenizerInfo | None, progress: bool =
     return spec, gpt2_config(spec, **ids), gpt2_state_dict(dense, spec)
 
 
+class UnsafeWeightsError(ValueError):
+    """The folded weights would not be a model: non-finite values, or factors far from orthogonal."""
+
+
+def check_exportable(model, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Raise :class:`UnsafeWeightsError` unless every POET factor of ``model`` is within
+    ``MAX_ORTHOGONALITY_ERROR`` of orthogonal and every tensor of ``state`` (cast to ``dtype``,
+    so values beyond its range show as inf) is finite. Names the offending layers and tensors."""
+    from ..poet.cayley import MAX_ORTHOGONALITY_ERROR
+    from ..poet.linear import POETModule
+    from ..training.finite import describe, nonfinite_tensors
+
+    problems = []
+    errors = [(name, float(m.orthogonality_error())) for name, m in model.named_modules() if isinstance(m, POETModule)]
+    far = [(name, e) for name, e in errors if not e <= MAX_ORTHOGONALITY_ERROR]
+    if far:
+        listed = ", ".join(f"{name} ({e:.3g})" for name, e in far[:6]) + (f" and {len(far) - 6} more" if len(far) > 6 else "")
+        problems.append(f"{len(far)} POET layers have factors past orthogonality error {MAX_ORTHOGONALITY_ERROR:g} "
+                        f"(||G^T G - I||_F): {listed}; folding them would change the weights' singular values")
+    found = nonfinite_tensors((name, tensor.to(dtype)) for name, tensor in state.items())
+    if found:
+        problems.append(f"{len(found)} folded weights are not finite in {str(dtype).removeprefix('torch.')}: {describe(found)}")
+    if problems:
+        raise UnsafeWeightsError("refusing to export a diverged model: " + "; ".join(problems)
+                                 + "; export an earlier checkpoint, or pass --allow-non-finite to export it anyway")
+
+
 def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = None, dtype: str = "fp32",
-                     max_shard_size: str | int = "5GB", progress: bool = False) -> ExportSpec:
+                     max_shard_size: str | int = "5GB", progress: bool = False, check: bool = True) -> ExportSpec:
     """Write ``model`` as a Hugging Face model directory.
 
     Args:
@@ -94,6 +121,8 @@ def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = N
         dtype: "fp32", "bf16" or "fp16": storage dtype (the cast happens after folding).
         max_shard_size: above this the weights are sharded with an index (e.g. "5GB").
         progress: show tqdm progress bars.
+        check: refuse (:class:`UnsafeWeightsError`, before writing anything) folded weights that are
+            not finite in ``dtype`` or come from factors far from orthogonal (:func:`check_exportable`).
     Returns:
         The model's :class:`ExportSpec`.
     """
@@ -101,6 +130,8 @@ def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = N
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
     spec, config, state = hf_state_and_config(model, tokenizer, progress)
+    if check:
+        check_exportable(model, state, torch_dtype)
     state = {k: v.to(torch_dtype) for k, v in state.items()}
     os.makedirs(out_dir, exist_ok=True)
     # transformers < 5 reads the rotary base from a top-level rope_theta.

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .sharding import mix_seed
+from .vocab_padding import VOCABULARY_PARAMETERS
 
 # Parameter attribute naming the init function megatron applied (set only while building).
 _INIT_ATTR = "_layout_free_init_method"
@@ -92,12 +93,14 @@ def _shard(full: torch.Tensor, param: nn.Parameter, tp_size: int, tp_rank: int) 
 
 
 @torch.no_grad()
-def redraw_parameters(model: nn.Module, seed: int) -> list[str]:
+def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None) -> list[str]:
     """Redraw every parameter tagged by :func:`recording_init_methods` from ``(seed, global name)``.
 
     Each is drawn in full (float32, on the CPU, like megatron's ``use_cpu_initialization``),
     sharded as megatron shards it and copied in; the tag is removed. The default generator's
-    state is left as it was. Returns the global names redrawn.
+    state is left as it was. Returns the global names redrawn. With ``vocab_size`` (the real
+    vocabulary), the embedding and output layer draw only their first ``vocab_size`` rows and
+    the padding rows are zero (:mod:`.vocab_padding`), so the padding leaves the real rows alone.
 
     Raises RuntimeError if a 2-D parameter outside the POET layers was initialized in another
     way (it would make the model depend on the layout).
@@ -125,10 +128,11 @@ def redraw_parameters(model: nn.Module, seed: int) -> list[str]:
         shape = list(param.shape)
         if getattr(param, "tensor_model_parallel", False):
             shape[param.partition_dim] *= tp_size
-        full = torch.empty(shape, dtype=torch.float32)
+        full = torch.zeros(shape, dtype=torch.float32)
+        drawn = full[:vocab_size] if vocab_size is not None and name in VOCABULARY_PARAMETERS else full
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix_seed(seed, "parameter", name))
-            init(full)
+            init(drawn)
         param.copy_(_shard(full, param, tp_size, tp_rank))
         redrawn.append(name)
     if untracked:

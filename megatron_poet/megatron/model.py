@@ -19,6 +19,7 @@ from .layers import _POETParallelLinear
 from .layout_free_init import global_names, recording_init_methods, redraw_parameters
 from .sharding import ShardedDimension, mix_seed
 from .spec import gpt_block_spec
+from .vocab_padding import mask_padded_logits
 
 
 def llama_config(
@@ -108,7 +109,7 @@ def initialize_poet_layers(model: torch.nn.Module, seed: int) -> int:
 
 def _build(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int, seed: int,
-    backend: str, vp_stage: int | None, **gpt_kwargs,
+    backend: str, vp_stage: int | None, unpadded_vocab_size: int | None, **gpt_kwargs,
 ) -> GPTModel:
     compat.check_version()
     validate_model_config(config, poet, vocab_size)
@@ -123,7 +124,9 @@ def _build(
             vp_stage=vp_stage,
             **gpt_kwargs,
         )
-    redraw_parameters(model, seed)
+    redraw_parameters(model, seed, unpadded_vocab_size)
+    if unpadded_vocab_size is not None:
+        mask_padded_logits(model, unpadded_vocab_size)
     if poet is not None:
         initialize_poet_layers(model, seed)
     return model
@@ -132,13 +135,17 @@ def _build(
 def build_llama_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
     seed: int = 1234, backend: str = "auto", rotary_base: int = 10000, vp_stage: int | None = None,
+    unpadded_vocab_size: int | None = None,
 ) -> GPTModel:
     """Llama-style GPTModel (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings, no biases).
 
     Args:
         config: from :func:`llama_config` (checked for the Llama-style fields).
         poet: POET options of the four linears per layer, or None for Megatron's linears.
-        vocab_size, max_sequence_length: as GPTModel.
+        vocab_size, max_sequence_length: as GPTModel (``vocab_size``: the padded vocabulary).
+        unpadded_vocab_size: the tokenizer's vocabulary; rows beyond it are padding, zero and masked
+            out of the softmax, so the padding never changes the model (:mod:`.vocab_padding`).
+            ``None``: every row is a token.
         seed: every initial tensor is drawn from ``(seed, its global name)``: the same model at any
             TP/PP/virtual-PP/DP layout (:mod:`.layout_free_init`).
         backend: "auto", "local" or "te" (see :mod:`.spec`).
@@ -148,18 +155,18 @@ def build_llama_model(
     wrong = [f"{k}={getattr(config, k)!r} (expected {v!r})" for k, v in expected.items() if getattr(config, k) != v]
     if wrong:
         raise ValueError("build_llama_model needs a Llama-style config (use llama_config): " + ", ".join(wrong))
-    return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage,
+    return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
                   position_embedding_type="rope", rotary_base=rotary_base,
                   share_embeddings_and_output_weights=False)
 
 
 def build_gpt2_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
-    seed: int = 1234, backend: str = "auto", vp_stage: int | None = None,
+    seed: int = 1234, backend: str = "auto", vp_stage: int | None = None, unpadded_vocab_size: int | None = None,
 ) -> GPTModel:
     """GPT-2-style GPTModel (LayerNorm, GELU, biases, learned positions, tied embeddings); arguments
     as :func:`build_llama_model`."""
     if config.normalization != "LayerNorm" or config.gated_linear_unit:
         raise ValueError("build_gpt2_model needs a GPT-2-style config (use gpt2_config)")
-    return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage,
+    return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
                   position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)

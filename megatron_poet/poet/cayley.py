@@ -117,6 +117,14 @@ def cayley_neumann(packed: torch.Tensor, block_size: int, neumann_terms: int | N
     return cayley_neumann_from_skew(skew_from_packed(packed, block_size), neumann_terms)
 
 
+# Limits on orthogonality_error (docs/POET.md, "Factors stay valid"). At 1e-2 the singular values of
+# an applied block are within 0.5 % of 1: training is healthy well below it (1e-7..1e-4). At 0.25 they
+# may be 13 % off: with the default k = 3 the skew blocks' largest rotation angle is then ~0.6 rad, past
+# which the truncated series stops approximating an orthogonal matrix (it diverges at 1 rad).
+ORTHOGONALITY_WARNING = 1e-2
+MAX_ORTHOGONALITY_ERROR = 0.25
+
+
 def orthogonality_error(blocks: torch.Tensor) -> torch.Tensor:
     """Max over blocks of the Frobenius norm ``||G^T G - I||_F`` (a 0-d tensor).
 

@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
+from megatron_poet.poet.cayley import MAX_ORTHOGONALITY_ERROR, ORTHOGONALITY_WARNING
 from megatron_poet.poet.init import INIT_SCHEMES
 
 from . import fp8
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--poet-fp32-master-a0", action="store_true",
                    help="with --bf16: keep an fp32 master copy of every A0 that merges fold, rounding to bf16 "
                         "once per merge (sharded over data-parallel ranks with --use-distributed-optimizer)")
+    g.add_argument("--poet-orthogonality-warning", type=float, default=ORTHOGONALITY_WARNING,
+                   help="warn once when a factor's orthogonality error ||G^T G - I||_F (measured at log steps, "
+                        "merges and saves) passes this")
+    g.add_argument("--poet-max-orthogonality-error", type=float, default=MAX_ORTHOGONALITY_ERROR,
+                   help="stop the run (exit code 3, nothing saved) when a factor's orthogonality error passes "
+                        "this: its Cayley-Neumann series no longer approximates an orthogonal matrix; 0 = never")
     g.add_argument("--poet-clip-ramp-iters", type=int, default=0,
                    help="after each merge, ramp the clip threshold linearly from clip/N back to clip over "
                         "N steps (the public POET code uses 10); 0 = off")
@@ -309,6 +316,8 @@ def validate_args(args: argparse.Namespace) -> None:
     need(args.loss_spike_factor == 0 or args.loss_spike_factor > 1,
          f"--loss-spike-factor must be > 1 (or 0 = off), got {args.loss_spike_factor}")
     need(args.loss_spike_window >= 1, f"--loss-spike-window must be >= 1, got {args.loss_spike_window}")
+    need(args.poet_orthogonality_warning > 0 and args.poet_max_orthogonality_error >= 0,
+         "--poet-orthogonality-warning must be > 0 and --poet-max-orthogonality-error >= 0")
     need(args.poet_clip_ramp_iters >= 0, f"--poet-clip-ramp-iters must be >= 0, got {args.poet_clip_ramp_iters}")
     if args.mock_data:
         need(not args.data_path, "give either --data-path or --mock-data, not both")

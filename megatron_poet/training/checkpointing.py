@@ -249,19 +249,6 @@ def check_checkpoint_args(args: argparse.Namespace) -> int | None:
     return iteration
 
 
-def _warn_if_vocab_padding_differs(args: argparse.Namespace, saved: dict) -> None:
-    """Megatron pads the vocabulary to a multiple of ``--make-vocab-size-divisible-by`` x TP, and
-    padded logits take part in the softmax: resuming with another padding changes the model."""
-    from .model_provider import padded_vocab_size
-
-    ours = padded_vocab_size(args.vocab_size_unpadded, args)
-    theirs = saved.get("padded_vocab_size", ours)
-    if theirs != ours and torch.distributed.get_rank() == 0:
-        print(f"warning: the checkpoint's vocabulary was padded to {theirs} and this run pads it to {ours} "
-              f"(TP={args.tensor_model_parallel_size}); the padded logits enter the softmax, so the loss "
-              f"changes; choose --make-vocab-size-divisible-by so both pad alike", flush=True)
-
-
 def load_checkpoint(args, model_chunks, optimizer, merge_scheduler) -> tuple[int, int]:
     """Restore the newest checkpoint under ``args.load``; returns ``(iteration, consumed_samples)``.
 
@@ -276,7 +263,6 @@ def load_checkpoint(args, model_chunks, optimizer, merge_scheduler) -> tuple[int
     common = read_common_state(path)
     sizes, _ = _layout()
     same_layout = tuple(common["layout"]) == sizes
-    _warn_if_vocab_padding_differs(args, common["args"])
     template = _state_dict(args, model_chunks, optimizer, is_loading=True, with_rng=same_layout,
                            sharding_type=common["optimizer_sharding_type"])
     with restricted_loading(f"checkpoint {path}"):

@@ -18,6 +18,15 @@ After ``--max-skipped-iters`` consecutive skips the run stops with :class:`Train
 engine's whole state is checked (:func:`check_state_before_save`): a non-finite value anywhere
 stops the run the same way instead of writing it, so ``latest_checkpointed_iteration.txt`` never
 points at a non-finite checkpoint. The export refuses one too (:func:`nonfinite_tensors`).
+
+POET factors can go wrong while staying finite: skew blocks so large that their Cayley-Neumann
+series is far from orthogonal (the folded weights of such a run reached 1e38). The largest
+orthogonality error ``||G^T G - I||_F``, measured at log steps, before merges and before every
+save, is checked by :class:`FactorCheck`: past ``--poet-orthogonality-warning`` the log warns
+once; past ``--poet-max-orthogonality-error`` the run stops like a diverged one (exit code 3),
+before a merge folds such factors or a checkpoint holds them. Stopping, not folding the nearest
+orthogonal matrix and going on: the forward pass used the non-orthogonal factors, so a fold
+would change the function, and a step that produced them is better redone from a checkpoint.
 """
 from __future__ import annotations
 
@@ -129,11 +138,45 @@ class IterationGuard:
                 f"{self.total} in this run, stop at --max-skipped-iters {limit})")
 
 
-def check_state_before_save(args: argparse.Namespace, engine: TrainingEngine, iteration: int) -> None:
-    """Raise :class:`TrainingDiverged` on every rank if any rank's model or optimizer state is not finite.
+class FactorCheck:
+    """Warns once, then stops, as the POET factors' orthogonality error grows (see the module docstring)."""
+
+    def __init__(self, args: argparse.Namespace, print_fn):
+        self.args = args
+        self.print = print_fn
+        self.warned = False
+
+    def __call__(self, error: float, iteration: int, when: str = "") -> None:
+        """Check ``error``, the largest orthogonality error of the model (the same on every rank).
+
+        Raises :class:`TrainingDiverged` past ``--poet-max-orthogonality-error`` (or if NaN).
+        """
+        args = self.args
+        limit = args.poet_max_orthogonality_error
+        if limit and not error <= limit:
+            raise TrainingDiverged(
+                f"iteration {iteration}{when}: a POET factor's orthogonality error ||G^T G - I||_F is {error:.3g}, "
+                f"past --poet-max-orthogonality-error {limit:g}: its skew parameters left the range where the "
+                f"Cayley-Neumann series is nearly orthogonal; {_resume_hint(args)} (or a lower --poet-lr)")
+        if error > args.poet_orthogonality_warning and not self.warned:
+            self.warned = True
+            self.print(f"warning: iteration {iteration}: a POET factor's orthogonality error is {error:.3g}, past "
+                       f"--poet-orthogonality-warning {args.poet_orthogonality_warning:g} (healthy runs stay near "
+                       f"1e-6); the run stops at --poet-max-orthogonality-error {limit:g}")
+
+
+def check_state_before_save(args: argparse.Namespace, engine: TrainingEngine, iteration: int,
+                            factor_check: FactorCheck | None = None) -> None:
+    """Raise :class:`TrainingDiverged` on every rank if any rank's model or optimizer state is not finite,
+    or (with ``factor_check``) if the POET factors are past their orthogonality limit.
 
     Collective over all ranks; the message names the tensors (of every rank, a few each).
     """
+    if factor_check is not None and engine.merge_scheduler is not None:
+        error = torch.tensor([engine.merge_scheduler.max_orthogonality_error()], device=device())
+        error = torch.nan_to_num(error, nan=math.inf)  # a NaN anywhere must win the MAX
+        torch.distributed.all_reduce(error, op=torch.distributed.ReduceOp.MAX)
+        factor_check(float(error), iteration, when=" (before saving)")
     found = nonfinite_tensors(engine.state_tensors())
     names = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(names, describe(found, limit=3) if found else None)

@@ -60,7 +60,8 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
     from megatron_poet.megatron.model import build_gpt2_model, build_llama_model
 
     config = config or transformer_config(args)
-    common = dict(seed=args.seed, vp_stage=vp_stage)
+    # The real vocabulary: its padding is zero and masked, so it never changes the model.
+    common = dict(seed=args.seed, vp_stage=vp_stage, unpadded_vocab_size=getattr(args, "vocab_size_unpadded", None))
     if args.model_style == "llama":
         model = build_llama_model(config, poet_config(args), vocab_size, args.max_position_embeddings,
                                   rotary_base=args.rotary_base, **common)

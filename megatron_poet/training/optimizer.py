@@ -31,8 +31,25 @@ from megatron_poet.megatron.optimizer_state import (
 
 # Attribute set on POET parameters so megatron's ParamKey(attr=...) can select them.
 POET_PARAM_ATTR = "is_poet_parameter"
-# Key of every optimizer parameter group: whether it holds POET factors.
-POET_GROUP_KEY = "is_poet"
+
+
+def poet_group_settings(args: argparse.Namespace) -> dict:
+    """The parameter-group keys of the POET factors, for both engines (the one place they are set).
+
+    ``--poet-lr`` scheduled to ``--poet-min-lr`` (``max_lr``/``min_lr``, read by megatron's
+    ``OptimizerParamScheduler``), no weight decay, and ``is_decoupled_lr``: a learning rate of
+    their own, which is what that key says in megatron-core. It is also one of the keys by
+    which every megatron-core version (``param_group_identifier_keys``) pairs a checkpoint's
+    groups with the optimizer's on load, so the POET group never collides with the no-decay
+    group (same ``wd_mult``/``lr_mult``) and never takes that group's learning rate on resume.
+    """
+    return {"max_lr": args.poet_lr, "min_lr": args.poet_min_lr, "wd_mult": 0.0, "is_decoupled_lr": True}
+
+
+def dense_group_settings(args: argparse.Namespace, decay: bool) -> dict:
+    """The parameter-group keys of every other parameter: ``--lr`` to ``--min-lr``, weight decay if ``decay``."""
+    return {"max_lr": args.lr, "min_lr": args.min_lr, "wd_mult": 1.0 if decay else 0.0, "is_decoupled_lr": False,
+            "default_config": True}
 
 
 def poet_parameters(model_chunks: list[nn.Module]) -> list[nn.Parameter]:
@@ -100,11 +117,8 @@ class MegatronTrainingOptimizer:
         )
         overrides = get_standard_config_overrides(config)
         if self.poet_params:
-            overrides[ParamKey(attr=POET_PARAM_ATTR)] = {
-                "max_lr": args.poet_lr, "min_lr": args.poet_min_lr, "wd_mult": 0.0, POET_GROUP_KEY: True,
-            }
+            overrides[ParamKey(attr=POET_PARAM_ATTR)] = poet_group_settings(args)
         self.optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
-        _identify_groups_by_poet_flag(self.optimizer)
         self.scheduler = lr_scheduler(args, self.optimizer)
         self._configs = [leaf.config for leaf in leaf_optimizers(self.optimizer)]
         self._configs.append(self.optimizer.config)
@@ -197,23 +211,3 @@ class MegatronTrainingOptimizer:
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
         restore_poet_steps(self.optimizer, self.poet_params, steps_since_merge)
 
-
-def _identify_groups_by_poet_flag(optimizer) -> None:
-    """Make megatron pair saved and current parameter groups correctly on load.
-
-    megatron matches a checkpoint's groups to the optimizer's by a tuple of group
-    keys (``param_group_identifier_keys``): in 0.16.1 only ``wd_mult, lr_mult,
-    is_expert_parallel, is_decoupled_lr``, so the POET group (no weight decay)
-    and the no-decay group collide and a load fails or, worse, pairs one group's
-    state with the other's parameters; 0.19 adds ``max_lr``/``min_lr``, which still
-    collide when ``--poet-lr`` equals ``--lr``. Every group gets ``is_poet`` and
-    the identifier gets that key, in every version.
-    """
-    import megatron.core.optimizer.optimizer as megatron_optimizer
-
-    if POET_GROUP_KEY not in megatron_optimizer.param_group_identifier_keys:
-        megatron_optimizer.param_group_identifier_keys = (
-            *megatron_optimizer.param_group_identifier_keys, POET_GROUP_KEY)
-    for leaf in leaf_optimizers(optimizer):
-        for group in leaf.optimizer.param_groups:
-            group.setdefault(POET_GROUP_KEY, False)

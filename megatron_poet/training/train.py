@@ -11,7 +11,7 @@ import torch
 
 from .engine import TrainingEngine, TrainingState
 from .engine.base import device
-from .finite import IterationGuard, check_state_before_save
+from .finite import FactorCheck, IterationGuard, check_state_before_save
 from .logging import TrainingLogger
 from .signals import SignalHandler
 
@@ -20,7 +20,7 @@ def _max_over_model_parallel(value: float) -> float:
     """Max of a per-rank value over ranks holding different parameters (TP/PP)."""
     from megatron.core import parallel_state
 
-    t = torch.tensor([value], device=device())
+    t = torch.nan_to_num(torch.tensor([value], device=device()), nan=float("inf"))  # NaN must win the MAX
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
                                  group=parallel_state.get_model_parallel_group())
     return float(t)
@@ -56,6 +56,7 @@ def train(
     """
     signals = SignalHandler()
     guard = IterationGuard(args)
+    factor_check = FactorCheck(args, logger.print)
     merge_scheduler = engine.merge_scheduler
     orth_max = 0.0
     try:
@@ -74,7 +75,9 @@ def train(
             if merge_scheduler is not None and result.updated:
                 logging_now = state.iteration % args.log_interval == 0
                 if logging_now or merge_scheduler.merge_due():
-                    orth_max = max(orth_max, _max_over_model_parallel(merge_scheduler.max_orthogonality_error()))
+                    measured = _max_over_model_parallel(merge_scheduler.max_orthogonality_error())
+                    factor_check(measured, state.iteration)  # before a merge folds the factors
+                    orth_max = max(orth_max, measured)
                 merge_scheduler.step()
                 if logging_now or state.iteration == args.train_iters:  # after the merge, so a merge shows
                     a0_drift = _max_over_model_parallel(merge_scheduler.max_a0_norm_drift())
@@ -94,7 +97,7 @@ def train(
             exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
             if args.save and (state.iteration % args.save_interval == 0 or last or exit_now
                               or (stop and args.save_on_signal)):
-                check_state_before_save(args, engine, state.iteration)
+                check_state_before_save(args, engine, state.iteration, factor_check)
                 path = engine.save_checkpoint(state)
                 logger.print(f" saved checkpoint at iteration {state.iteration} to {path}")
             if stop or exit_now:

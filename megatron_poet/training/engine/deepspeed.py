@@ -34,7 +34,7 @@ from torch import nn
 
 from megatron_poet.poet.optim import poet_modules, poet_param_groups
 
-from ..optimizer import canonical_learning_rate, lr_scheduler
+from ..optimizer import canonical_learning_rate, dense_group_settings, lr_scheduler, poet_group_settings
 from . import deepspeed_checkpoint
 from .base import BatchLoss, StepResult, TrainingEngine, TrainingState, forward_step, num_microbatches, reduce_loss
 from .deepspeed_config import deepspeed_config
@@ -65,10 +65,8 @@ def param_groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
     """
     groups = poet_param_groups(model, args.lr, args.poet_lr, args.weight_decay)
     for group in groups:
-        if group[POET_GROUP_KEY]:
-            group.update(max_lr=args.poet_lr, min_lr=args.poet_min_lr, wd_mult=0.0)
-        else:
-            group.update(wd_mult=1.0 if group["weight_decay"] else 0.0, default_config=True)
+        group.update(poet_group_settings(args) if group[POET_GROUP_KEY]
+                     else dense_group_settings(args, decay=bool(group["weight_decay"])))
     return groups
 
 

@@ -33,7 +33,7 @@ import torch
 from megatron_poet.safe_loading import check_torch_file, restricted_loading
 
 from ..checkpointing import (
-    CheckpointError, _layout, _rng_state, _set_rng_state, _warn_if_vocab_padding_differs, _write_marker,
+    CheckpointError, _layout, _rng_state, _set_rng_state, _write_marker,
     checkpoint_dir, latest_iteration, recorded_args,
 )
 from .base import TrainingState
@@ -165,7 +165,6 @@ def load(engine) -> TrainingState:
         return TrainingState()
     path = checkpoint_dir(args.load, iteration)
     common = read_common(path)
-    _warn_if_vocab_padding_differs(args, common["args"])
     with reading(path):
         loaded, client_state = engine.engine.load_checkpoint(args.load, tag=os.path.basename(path),
                                                              load_lr_scheduler_states=False)
