@@ -8,7 +8,11 @@ a JSON object whose keys (all optional) map to ``{iteration: [ranks]}``:
 - ``nan_loss``: these ranks' token losses become NaN (so their gradients too);
 - ``nan_grad``: these ranks' gradients become NaN, their loss stays finite;
 - ``spike``: these ranks' token losses are multiplied by 20 (a loss spike, finite gradients);
-- ``nan_param``: after the step, one parameter element becomes NaN on these ranks.
+- ``nan_param``: after the step, one parameter element becomes NaN on these ranks;
+- ``perturb``: after the step, layer 1's replicated QKV factor (``linear_qkv.input_side.skew``,
+  the same on every rank) moves by 1e-6 in one element on these ranks;
+- ``scale_replicated_grad``: during the iteration's backward, these ranks' gradient of that factor
+  is multiplied by 1.01 before megatron reduces it.
 
 Eval batches (no gradients) are never touched. Around every ``engine.step`` the driver records to
 ``REPORT_DIR/rank{R}.json``: the iteration, whether an update was requested to be skipped and
@@ -72,8 +76,23 @@ def _schedule_steps(engine) -> int:
     return scheduler.num_steps
 
 
+def _replicated_qkv_factor(engine):
+    (skew,) = [p for n, p in engine.model_chunks[0].named_parameters()
+               if "layers.0.self_attention.linear_qkv.input_side.skew" in n]
+    return skew
+
+
 def _wrap(cls) -> None:
-    original_step, original_load = cls.step, cls.load_checkpoint
+    original_step, original_load, original_train_batch = cls.step, cls.load_checkpoint, cls.train_batch
+
+    def train_batch(self, iterator):
+        if not _injected("scale_replicated_grad", ITERATION[0] + 1):
+            return original_train_batch(self, iterator)
+        handle = _replicated_qkv_factor(self).register_hook(lambda grad: grad * 1.01)
+        try:
+            return original_train_batch(self, iterator)
+        finally:
+            handle.remove()
 
     def step(self, skip=False):
         merges = self.merge_scheduler
@@ -90,6 +109,9 @@ def _wrap(cls) -> None:
         if _injected("nan_param", iteration):
             param = next(iter(self.model_chunks[0].parameters()))
             getattr(param, "ds_tensor", param).data.view(-1)[0] = float("nan")
+        if _injected("perturb", iteration):
+            with torch.no_grad():
+                _replicated_qkv_factor(self).view(-1)[0] += 1e-6
         STEPS.append(record)
         with open(os.path.join(REPORT_DIR, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
             json.dump(STEPS, f)
@@ -100,7 +122,7 @@ def _wrap(cls) -> None:
         ITERATION[0] = state.iteration
         return state
 
-    cls.step, cls.load_checkpoint = step, load_checkpoint
+    cls.step, cls.load_checkpoint, cls.train_batch = step, load_checkpoint, train_batch
 
 
 base.masked_loss = masked_loss

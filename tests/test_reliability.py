@@ -235,3 +235,31 @@ def test_export_refuses_factors_far_from_orthogonal(data, tmp_path):
     assert not os.path.exists(tmp_path / "hf" / "model.safetensors")
     convert_checkpoint(ckpt, str(tmp_path / "hf"), progress=False, allow_non_finite=True)
     assert os.path.isfile(tmp_path / "hf" / "model.safetensors")
+
+
+@pytest.mark.parametrize("layout, what", [(["--use-distributed-optimizer"], "data-parallel"),
+                                          (["--tensor-model-parallel-size", "2"], "tensor-parallel")])
+def test_replicas_that_drift_apart_are_caught(data, tmp_path, layout, what):
+    """One rank's copy of a replicated POET factor moves by 1e-6 after iteration 4: the hash check of
+    iteration 4 (every 2 iterations; iteration 2 passes) stops every rank with one message naming the
+    tensor and the ranks. DP=2 compares every tensor across replicas; TP=2 the tensors TP does not split."""
+    argv = data + TINY + ["--train-iters", "8", "--global-batch-size", "8", "--poet-merge-interval", "3",
+                          "--check-weight-hash-across-dp-replicas-interval", "2", *layout]
+    out, reports, codes = _driver(tmp_path / "report", {"perturb": {4: [1]}}, argv, nproc=2)
+    assert codes == [3, 3], out.stderr[-3000:]
+    assert [len(r) for r in reports] == [4, 4]  # stopped after iteration 4's step
+    (error,) = re.findall(r"^error: .*$", out.stderr, re.M)
+    assert "iteration 4: copies of the model that must be identical differ" in error, error
+    assert (f"decoder.layers.0.self_attention.linear_qkv.input_side.skew differs across {what} ranks: "
+            f"ranks [0] vs ranks [1]") in error, error
+
+
+def test_replicated_factor_gets_identical_updates_by_construction(data, tmp_path):
+    """TP=2: rank 1's gradient of a replicated factor is 1% off during iteration 2's backward (as a
+    rank-dependent summation order would make it; no merge before the check folds it away); megatron's finalize_model_grads averages the
+    replicated factors' gradients over TP, so both copies still take the same step and the hash check
+    after every iteration passes. (Before issue 19 each rank applied its own gradient: they parted.)"""
+    argv = data + TINY + ["--train-iters", "4", "--poet-merge-interval", "3", "--tensor-model-parallel-size", "2",
+                          "--check-weight-hash-across-dp-replicas-interval", "1"]
+    out, reports, codes = _driver(tmp_path / "report", {"scale_replicated_grad": {2: [1]}}, argv, nproc=2)
+    assert codes == [0, 0], out.stderr[-3000:]

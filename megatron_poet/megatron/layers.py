@@ -13,8 +13,8 @@ Design (POET_SPEC.md §6). With ``A = P A0 R``:
   and applied after the reduce-from-TP region (or the reduce-scatter with
   sequence parallelism), where the output is replicated.
 
-Replicated factors are drawn from the same seed on every TP rank and receive
-identical gradients, so they stay bitwise identical; merges need no
+Replicated factors are drawn from the same seed on every TP rank and their gradients are
+reduced over the TP group, so they stay bitwise identical; merges need no
 communication (each rank folds ``P A0 R`` for its own rows/columns), except that a
 data-parallel-sharded fp32 master of ``A0`` is gathered over DP for the fold.
 
@@ -135,9 +135,14 @@ class _POETParallelLinear(POETModule):
 
         sharded_side, replicated_side = self._sides()
         compat.mark_tensor_parallel(sharded_side.skew, dim=0)
-        # Replicated factor with sequence parallelism sees only local tokens: finalize_model_grads
-        # all-reduces params tagged like this one (the LayerNorm mechanism).
+        # A0 is split too (no gradient: only the replica check of training/replicas.py reads this).
+        compat.mark_tensor_parallel(self.frozen_weight, dim=0 if self.column else 1)
+        # The replicated factor's gradient is reduced over TP by finalize_model_grads, so its copies
+        # get identical updates by construction, whatever each rank's kernels summed in which order:
+        # with sequence parallelism it sees only local tokens and the partial gradients are summed
+        # (the LayerNorm mechanism); without, every rank has the whole gradient and they are averaged.
         replicated_side.skew.sequence_parallel = self.sequence_parallel
+        replicated_side.skew.average_gradients_across_tp_domain = not self.sequence_parallel
         if self.bias is not None:
             if self.column:
                 compat.mark_tensor_parallel(self.bias, dim=0, stride=stride)

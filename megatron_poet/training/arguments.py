@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-spike-factor", type=float, default=0.0,
                    help="also skip an iteration whose loss exceeds this multiple (> 1) of the mean loss of the "
                         "previous --loss-spike-window applied iterations; 0 = off")
+    g.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int, default=None,
+                   help="every N iterations compare a hash of every parameter across data-parallel replicas, "
+                        "and of the tensors TP does not split across tensor-parallel ranks; stop (exit code 3) "
+                        "naming the tensor and ranks if copies differ (Megatron-LM's flag)")
     g.add_argument("--loss-spike-window", type=int, default=100,
                    help="applied iterations averaged by --loss-spike-factor (checked once that many exist)")
 
@@ -316,6 +320,9 @@ def validate_args(args: argparse.Namespace) -> None:
     need(args.loss_spike_factor == 0 or args.loss_spike_factor > 1,
          f"--loss-spike-factor must be > 1 (or 0 = off), got {args.loss_spike_factor}")
     need(args.loss_spike_window >= 1, f"--loss-spike-window must be >= 1, got {args.loss_spike_window}")
+    interval = args.check_weight_hash_across_dp_replicas_interval
+    need(interval is None or interval >= 1,
+         f"--check-weight-hash-across-dp-replicas-interval must be >= 1, got {interval}")
     need(args.poet_orthogonality_warning > 0 and args.poet_max_orthogonality_error >= 0,
          "--poet-orthogonality-warning must be > 0 and --poet-max-orthogonality-error >= 0")
     need(args.poet_clip_ramp_iters >= 0, f"--poet-clip-ramp-iters must be >= 0, got {args.poet_clip_ramp_iters}")

@@ -13,6 +13,7 @@ from .engine import TrainingEngine, TrainingState
 from .engine.base import device
 from .finite import FactorCheck, IterationGuard, check_state_before_save
 from .logging import TrainingLogger
+from .replicas import check_replicas
 from .signals import SignalHandler
 
 
@@ -81,6 +82,9 @@ def train(
                 merge_scheduler.step()
                 if logging_now or state.iteration == args.train_iters:  # after the merge, so a merge shows
                     a0_drift = _max_over_model_parallel(merge_scheduler.max_a0_norm_drift())
+            hash_interval = args.check_weight_hash_across_dp_replicas_interval
+            if hash_interval and state.iteration % hash_interval == 0:
+                check_replicas(engine.model_chunks, state.iteration)
             if loss is not None:
                 merges = merge_scheduler.merges_done if merge_scheduler else 0
                 # orth_max: largest error measured since the last log line (at log steps and just before merges)

@@ -101,6 +101,9 @@ def _zero_section(config: dict, args: argparse.Namespace, source: str, problems:
     elif stage not in ZERO_STAGES:
         problems.append(f"{source}: zero_optimization.stage {stage!r} is not supported: use 1, 2 or 3 "
                         f"(stage 0 is plain data parallelism: the megatron engine, without --deepspeed)")
+    if stage == 3 and getattr(args, "check_weight_hash_across_dp_replicas_interval", None):
+        problems.append(f"{source}: ZeRO-3 partitions every parameter, so there are no replicas for "
+                        f"--check-weight-hash-across-dp-replicas-interval to compare; drop it or use stage 1 or 2")
     if zero.get("compute_grad_norm") is False and args.check_for_nan_in_loss_and_grad:
         problems.append(f"{source}: zero_optimization.compute_grad_norm false leaves no gradient norm for "
                         f"--check-for-nan-in-loss-and-grad to test; remove it or pass "
