@@ -35,6 +35,7 @@ if __name__ != "kernels" or not _hand_name_to_installed_kernels():
     from .dispatch import (
         ENV_VAR,
         SUPPORTED_BLOCK_SIZES,
+        agree_autotuning_over,
         cayley_neumann_supported,
         current_mode,
         kernels_mode,
@@ -44,6 +45,7 @@ if __name__ != "kernels" or not _hand_name_to_installed_kernels():
 __all__ = [
     "ENV_VAR",
     "SUPPORTED_BLOCK_SIZES",
+    "agree_autotuning_over",
     "cayley_neumann_supported",
     "current_mode",
     "kernels_mode",

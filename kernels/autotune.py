@@ -1,5 +1,10 @@
 """Autotuning configurations: candidates for H100/H200, not yet tuned on a GPU; one config in the interpreter.
 
+:data:`AUTOTUNE_OPTIONS` makes every kernel benchmark through :func:`agreed_do_bench`, so that the
+ranks of the group set by :func:`.dispatch.agree_autotuning_over` pick one configuration (Triton >=
+3.3 has the ``do_bench`` hook; older Triton tunes per rank, and the replicated factors still get
+identical updates from their reduced gradients).
+
 Every kernel prunes configs whose tiles exceed the block size ``B`` (tiles must
 divide ``B``; all sizes here are powers of two), so a config never reads past a
 block. Under ``TRITON_INTERPRET=1`` each config would run once per autotune
@@ -7,11 +12,37 @@ trial on the CPU, so there is exactly one config and no benchmarking.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 
+import torch
 import triton
 
-from .dispatch import interpreting
+from .dispatch import autotune_group, interpreting
+
+
+def agreed_do_bench(kernel_call, quantiles, measure=None):
+    """Triton's ``do_bench`` whose timings are the maximum over the agreement group's ranks.
+
+    Args:
+        kernel_call: the candidate launch Triton hands in; quantiles: as ``triton.testing.do_bench``.
+        measure: the benchmark (default ``triton.testing.do_bench``; tests inject one).
+    Returns the timings (ms), identical on every rank of the group.
+    """
+    measure = measure or triton.testing.do_bench
+    times = measure(kernel_call, quantiles=quantiles)
+    group = autotune_group()
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return times
+    on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend(group) == "nccl" else "cpu"
+    agreed = torch.tensor(times if isinstance(times, (list, tuple)) else [times], dtype=torch.float64, device=on)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX, group=group)
+    values = agreed.tolist()
+    return values if isinstance(times, (list, tuple)) else values[0]
+
+
+# Keyword arguments of every @triton.autotune here.
+AUTOTUNE_OPTIONS = {"do_bench": agreed_do_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
 
 
 def _configs(space: dict[str, tuple[int, ...]], warps_stages: tuple[tuple[int, int], ...]) -> list[triton.Config]:

@@ -25,13 +25,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .autotune import GRAD_CONFIGS, ROTATE_CONFIGS, prune_to_block
+from .autotune import AUTOTUNE_OPTIONS, GRAD_CONFIGS, ROTATE_CONFIGS, prune_to_block
 
 
 @triton.autotune(
     configs=ROTATE_CONFIGS,
     key=["n_rows", "B", "GATHER_IN", "SCATTER_OUT"],
     prune_configs_by={"early_config_prune": prune_to_block(("BLOCK_N", "BLOCK_K"))},
+    **AUTOTUNE_OPTIONS,
 )
 @triton.jit
 def rotate_kernel(
@@ -75,6 +76,7 @@ def rotate_kernel(
     configs=GRAD_CONFIGS,
     key=["n_rows", "B", "num_splits", "GATHER_A", "GATHER_C"],
     prune_configs_by={"early_config_prune": prune_to_block(("BLOCK_I", "BLOCK_J"))},
+    **AUTOTUNE_OPTIONS,
 )
 @triton.jit
 def block_grad_kernel(

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import CAYLEY_CONFIGS, prune_to_block
+from .autotune import AUTOTUNE_OPTIONS, CAYLEY_CONFIGS, prune_to_block
 
 DOT_PRECISION = "tf32x3"
 
@@ -55,6 +55,7 @@ def _s_tile(packed_ptr, ws_ptr, rows, cols, B: tl.constexpr, FROM_PACKED: tl.con
 @triton.autotune(
     configs=CAYLEY_CONFIGS, key=["B", "SIGN", "ADD_I", "ADD_X", "X_IS_S1"],
     prune_configs_by={"early_config_prune": prune_to_block(("BLOCK_T", "BLOCK_K"))},
+    **AUTOTUNE_OPTIONS,
 )
 @triton.jit
 def cn_step_kernel(
@@ -115,6 +116,7 @@ def _dq_tile(grad_ptr, sb_ptr, s_ptr, slot, packed, rows, cols, B: tl.constexpr,
 @triton.autotune(
     configs=CAYLEY_CONFIGS, key=["B", "K_TERMS"],
     prune_configs_by={"early_config_prune": prune_to_block(("BLOCK_T", "BLOCK_K"))},
+    **AUTOTUNE_OPTIONS,
 )
 @triton.jit
 def cn_packed_grad_kernel(

@@ -31,6 +31,29 @@ SUPPORTED_BLOCK_SIZES = (32, 64, 128, 256, 512)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _mode_stack: list[str] = []
+# Process group whose ranks must pick the same autotuned kernel configuration (set by the Megatron
+# integration to the tensor-parallel group; see :func:`agree_autotuning_over`).
+_autotune_group = None
+
+
+def agree_autotuning_over(group) -> None:
+    """Make every rank of ``group`` choose the same configuration whenever a kernel autotunes.
+
+    Triton benchmarks each candidate on each rank and keeps the fastest, so ranks could pick
+    configurations that sum in another order and compute values that should be replicated
+    (the TP-replicated POET factor's rotation) differently. With a group set, each candidate's
+    timings are replaced by their maximum over the group (:func:`.autotune.agreed_do_bench`):
+    every rank then takes the same argmin. All ranks of ``group`` run the same kernels on the
+    same shapes in the same order (tensor-parallel ranks do), so the extra all-reduce per
+    candidate, once per shape, cannot deadlock. ``None`` turns it off.
+    """
+    global _autotune_group
+    _autotune_group = group
+
+
+def autotune_group():
+    """The group set by :func:`agree_autotuning_over` (``None``: each rank tunes alone)."""
+    return _autotune_group
 
 
 def _validate(mode: str, source: str) -> str:

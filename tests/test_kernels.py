@@ -294,3 +294,50 @@ def test_checkout_does_not_shadow_the_installed_kernels_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["installed", "megatron_poet.kernels.dispatch"], out.stdout
+
+
+def _agreeing_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two gloo ranks: benchmark three candidates whose timings differ per rank."""
+    import json
+
+    from megatron_poet.kernels import agree_autotuning_over
+    from megatron_poet.kernels.autotune import agreed_do_bench
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    # Rank 0 finds candidate 0 fastest, rank 1 candidate 2: alone, they would choose differently.
+    own = {0: [[1.0, 0.9, 1.1], [2.0, 1.9, 2.1], [3.0, 2.9, 3.1]], 1: [[3.0, 2.9, 3.1], [2.5, 2.4, 2.6], [1.0, 0.9, 1.1]]}
+    measured = iter(own[rank])
+    agree_autotuning_over(torch.distributed.group.WORLD)
+    agreed = [agreed_do_bench(None, (0.5, 0.2, 0.8), measure=lambda fn, quantiles: next(measured)) for _ in range(3)]
+    agree_autotuning_over(None)
+    alone = agreed_do_bench(None, (0.5, 0.2, 0.8), measure=lambda fn, quantiles: own[rank][0])
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"agreed": agreed, "alone": alone}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_of_the_agreement_group_choose_one_kernel_configuration(tmp_path):
+    """Every autotuned kernel benchmarks through agreed_do_bench, whose timings are the group's maximum:
+    two ranks that measure opposite winners both pick candidate 1 (the best worst case)."""
+    import json
+
+    import multiprocessing
+
+    from megatron_poet.kernels import block_rotate, cayley_neumann
+    from megatron_poet.kernels.autotune import AUTOTUNE_OPTIONS, agreed_do_bench
+
+    if AUTOTUNE_OPTIONS:  # Triton >= 3.3 (older ones have no do_bench hook; see kernels/autotune.py)
+        tuned = [block_rotate.rotate_kernel, cayley_neumann.cn_step_kernel]
+        assert all(kernel._do_bench is agreed_do_bench for kernel in tuned)
+    fork = multiprocessing.get_context("fork")  # (spawn leaves a resource-tracker process behind)
+    ranks = [fork.Process(target=_agreeing_rank, args=(r, str(tmp_path / "init"), str(tmp_path))) for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0]["agreed"] == results[1]["agreed"] == [[3.0, 2.9, 3.1], [2.5, 2.4, 2.6], [3.0, 2.9, 3.1]]
+    choice = [min(range(3), key=lambda i: r["agreed"][i][0]) for r in results]
+    assert choice == [1, 1]
+    assert results[0]["alone"] == [1.0, 0.9, 1.1] and results[1]["alone"] == [3.0, 2.9, 3.1]

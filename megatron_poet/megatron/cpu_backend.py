@@ -319,6 +319,11 @@ def initialize_distributed(
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
     model_parallel_cuda_manual_seed(seed)
+    # Tensor-parallel ranks compute the replicated POET factors' rotations: one kernel configuration.
+    from megatron_poet.kernels import agree_autotuning_over
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    agree_autotuning_over(tp_group if tensor_model_parallel_size > 1 else None)
     return backend
 
 
@@ -326,6 +331,9 @@ def destroy_distributed() -> None:
     """Tear down megatron's parallel state and the process group (end of a job or test)."""
     from megatron.core import parallel_state
 
+    from megatron_poet.kernels import agree_autotuning_over
+
+    agree_autotuning_over(None)
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
