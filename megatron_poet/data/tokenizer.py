@@ -131,6 +131,17 @@ def _token_content(value) -> Optional[str]:
     return value
 
 
+def _tokenizer_from_json(path: str):
+    """``tokenizers.Tokenizer.from_file``, with a one-line error naming a damaged file."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+        raise ValueError(f"{path} is not a valid tokenizer.json ({err}): the file is damaged or truncated; "
+                         f"restore it, or train a new one with tools/preprocess_data.py --train-tokenizer") from None
+
+
 def load_hf_tokenizer(path: str, eod_token: Optional[str] = None) -> HFTokenizer:
     """Load a Hugging Face tokenizer offline from a tokenizer.json file or a directory.
 
@@ -143,9 +154,8 @@ def load_hf_tokenizer(path: str, eod_token: Optional[str] = None) -> HFTokenizer
         path: tokenizer.json file or tokenizer directory.
         eod_token: end-of-document token; default: the config's eos token, else a known one
             (`<|endoftext|>`, `</s>`, ...) found in the vocabulary.
+    Raises ValueError naming a damaged tokenizer.json or tokenizer_config.json.
     """
-    from tokenizers import Tokenizer
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer not found: {path} (give a tokenizer.json file or a "
                                 f"directory holding one, or train one with "
@@ -154,11 +164,15 @@ def load_hf_tokenizer(path: str, eod_token: Optional[str] = None) -> HFTokenizer
     if os.path.isdir(path):
         config_path = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{config_path} is not a valid JSON tokenizer config: {err}; restore it from "
+                                 f"the tokenizer's source, or delete it to use tokenizer.json alone") from None
         json_path = os.path.join(path, "tokenizer.json")
         if os.path.isfile(json_path):
-            backend = Tokenizer.from_file(json_path)
+            backend = _tokenizer_from_json(json_path)
         else:
             from transformers import AutoTokenizer
 
@@ -172,10 +186,7 @@ def load_hf_tokenizer(path: str, eod_token: Optional[str] = None) -> HFTokenizer
                                  f"tokenizer.json with transformers first")
             config = {"eos_token": hf.eos_token, "pad_token": hf.pad_token}
     else:
-        try:
-            backend = Tokenizer.from_file(path)
-        except Exception as err:  # tokenizers raises a bare Exception on a malformed file
-            raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from err
+        backend = _tokenizer_from_json(path)
 
     if eod_token is None:
         eos = _token_content(config.get("eos_token"))

@@ -23,6 +23,7 @@ from ..poet.linear import POETModule
 from ..training.checkpointing import SHAPE_ARGS
 from ..training.engine.deepspeed_checkpoint import is_deepspeed_checkpoint, read_common
 from ..training.finite import describe, nonfinite_tensors
+from ..training.manifest import problems
 
 from . import deepspeed_checkpoint
 from .checkpoint import CheckpointReadError, load_model_weights, read_common_state, read_tensor_shapes, resolve_checkpoint
@@ -141,6 +142,10 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
     path, iteration = resolve_checkpoint(load, iteration)
+    damaged = problems(path, checksums=False)
+    if damaged:
+        raise CheckpointReadError(f"checkpoint {path} is damaged: {'; '.join(damaged[:3])}; export another "
+                                  f"checkpoint (--iteration N)")
     deepspeed = is_deepspeed_checkpoint(path)
     common = read_common(path) if deepspeed else read_common_state(path)
     saved = common.get("args")

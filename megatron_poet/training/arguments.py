@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="resume from this iteration's checkpoint under --load instead of the latest (Megatron-LM's flag)")
+    g.add_argument("--ckpt-verify-checksums", action="store_true",
+                   help="before resuming, check every file of the checkpoint against the SHA-256 in its manifest "
+                        "(reads the whole checkpoint); sizes are always checked")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None,
+                   help="keep only the K newest checkpoints under --save, deleting older ones once a newer one "
+                        "verifies against its manifest; default: keep all")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="save the distributed optimizer's state so that it loads at any TP/PP/DP layout "
                         "(gathers it at save time); by default it reloads only at another DP size")
@@ -320,6 +328,9 @@ def validate_args(args: argparse.Namespace) -> None:
     need(args.loss_spike_factor == 0 or args.loss_spike_factor > 1,
          f"--loss-spike-factor must be > 1 (or 0 = off), got {args.loss_spike_factor}")
     need(args.loss_spike_window >= 1, f"--loss-spike-window must be >= 1, got {args.loss_spike_window}")
+    need(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1,
+         f"--keep-last-checkpoints must be >= 1, got {args.keep_last_checkpoints}")
+    need(args.ckpt_step is None or (args.load and args.ckpt_step >= 0), "--ckpt-step needs --load and a value >= 0")
     interval = args.check_weight_hash_across_dp_replicas_interval
     need(interval is None or interval >= 1,
          f"--check-weight-hash-across-dp-replicas-interval must be >= 1, got {interval}")

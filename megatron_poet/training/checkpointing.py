@@ -3,9 +3,10 @@
 Layout under ``--save``::
 
     iter_0000100/                       one dist_checkpointing directory per save
-    latest_checkpointed_iteration.txt   the iteration to resume from
+        manifest.json                   its files' sizes and SHA-256 (:mod:`.manifest`)
+    latest_checkpointed_iteration.txt   the iteration to resume from (``--ckpt-step N``: another)
 
-A save writes ``iter_XXXXXXX`` completely (every rank, then a barrier) and only
+A save writes ``iter_XXXXXXX`` completely (every rank, then a barrier), then its manifest, and only
 then rank 0 replaces the marker atomically (write a temporary file, fsync,
 ``os.replace``). A crash or kill at any moment of a save therefore leaves the
 marker on the previous complete checkpoint; a partial directory is ignored and
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 
 from megatron_poet.safe_loading import check_dist_checkpoint, restricted_loading
+
+from .manifest import prune_old_checkpoints, verify_or_explain, write_manifest
 
 MARKER = "latest_checkpointed_iteration.txt"
 
@@ -175,11 +178,11 @@ def save_checkpoint(args, iteration: int, consumed_samples: int, model_chunks, o
 
     rank = torch.distributed.get_rank()
     path = checkpoint_dir(args.save, iteration)
-    if latest_iteration(args.save) == iteration and os.path.isdir(path):
-        return path  # already saved (e.g. a signal right after a periodic save)
+    if saved_by_this_run(path):
+        return path  # e.g. a signal right after a periodic save
     if rank == 0:
         os.makedirs(args.save, exist_ok=True)
-        if os.path.exists(path):  # left by a save that was killed: not marked, so not loadable anyway
+        if os.path.exists(path):  # left by a killed save (not marked) or an earlier run (see saved_by_this_run)
             shutil.rmtree(path)
         os.makedirs(path)
     torch.distributed.barrier()
@@ -198,10 +201,39 @@ def save_checkpoint(args, iteration: int, consumed_samples: int, model_chunks, o
         )
         dist_checkpointing.save(state, path)
     torch.distributed.barrier()  # every rank has written its part
-    if rank == 0:
-        _write_marker(args.save, iteration)
-    torch.distributed.barrier()
+    commit_checkpoint(args, path, iteration)
     return path
+
+
+_COMMITTED: set[str] = set()  # checkpoint directories this process has saved
+
+
+def saved_by_this_run(path: str) -> bool:
+    """Whether this process already saved checkpoint directory ``path`` (a directory of that name
+    left by an earlier run, e.g. before a resume with --ckpt-step, is written again)."""
+    return os.path.abspath(path) in _COMMITTED and os.path.isdir(path)
+
+
+def commit_checkpoint(args: argparse.Namespace, path: str, iteration: int) -> None:
+    """Finish a save whose files are all written (both engines; all ranks call): the manifest, then
+    the marker, then ``--keep-last-checkpoints`` (older checkpoints go once this one verifies)."""
+    write_manifest(path)
+    _COMMITTED.add(os.path.abspath(path))
+    if torch.distributed.get_rank() == 0:
+        _write_marker(args.save, iteration)
+        if args.keep_last_checkpoints:
+            deleted = prune_old_checkpoints(args.save, iteration, args.keep_last_checkpoints, checksums=False)
+            if deleted:
+                print(f" deleted checkpoints of iterations {', '.join(map(str, sorted(deleted)))} "
+                      f"(--keep-last-checkpoints {args.keep_last_checkpoints})", flush=True)
+    torch.distributed.barrier()
+
+
+def iteration_to_load(args: argparse.Namespace) -> int | None:
+    """``--ckpt-step`` if given, else the iteration the ``--load`` marker points to (``None``: none)."""
+    if not args.load:
+        return None
+    return args.ckpt_step if args.ckpt_step is not None else latest_iteration(args.load)
 
 
 def read_common_state(path: str) -> dict:
@@ -223,15 +255,19 @@ def check_checkpoint_args(args: argparse.Namespace) -> int | None:
     Raises :class:`CheckpointError` listing every mismatching flag, or
     :class:`~megatron_poet.safe_loading.UnsafeFileError` for a file that is not plain data.
     """
-    if not args.load:
-        return None
-    iteration = latest_iteration(args.load)
+    iteration = iteration_to_load(args)
     if iteration is None:
         return None
     path = checkpoint_dir(args.load, iteration)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{os.path.join(args.load, MARKER)} points to iteration {iteration} but {path} "
-                              f"does not exist; restore the directory or fix the marker")
+        source = f"--ckpt-step {iteration}" if args.ckpt_step is not None else \
+            f"{os.path.join(args.load, MARKER)} points to iteration {iteration} but"
+        raise CheckpointError(f"{source} {path} does not exist; restore the directory or fix the marker")
+    damage = [verify_or_explain(args.load, iteration, args.ckpt_verify_checksums)
+              if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(damage, src=0)  # one rank reads the files, all agree
+    if damage[0]:
+        raise CheckpointError(damage[0])
     from .engine import deepspeed_checkpoint
 
     if args.deepspeed or deepspeed_checkpoint.is_deepspeed_checkpoint(path):
@@ -256,7 +292,7 @@ def load_checkpoint(args, model_chunks, optimizer, merge_scheduler) -> tuple[int
     """
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(args.load) if args.load else None
+    iteration = iteration_to_load(args)
     if iteration is None:
         return 0, 0
     path = checkpoint_dir(args.load, iteration)

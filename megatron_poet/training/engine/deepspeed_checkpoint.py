@@ -33,8 +33,8 @@ import torch
 from megatron_poet.safe_loading import check_torch_file, restricted_loading
 
 from ..checkpointing import (
-    CheckpointError, _layout, _rng_state, _set_rng_state, _write_marker,
-    checkpoint_dir, latest_iteration, recorded_args,
+    CheckpointError, _layout, _rng_state, _set_rng_state, checkpoint_dir, commit_checkpoint, iteration_to_load,
+    recorded_args, saved_by_this_run,
 )
 from .base import TrainingState
 from .deepspeed_config import deepspeed_config
@@ -127,11 +127,11 @@ def save(engine, state: TrainingState) -> str:
     args = engine.args
     rank = torch.distributed.get_rank()
     path = checkpoint_dir(args.save, state.iteration)
-    if latest_iteration(args.save) == state.iteration and os.path.isdir(path):
-        return path  # already saved (e.g. a signal right after a periodic save)
+    if saved_by_this_run(path):
+        return path  # e.g. a signal right after a periodic save
     if rank == 0:
         os.makedirs(args.save, exist_ok=True)
-        if os.path.exists(path):  # left by a save that was killed: not marked, so not loadable anyway
+        if os.path.exists(path):  # left by a killed save (not marked) or an earlier run
             shutil.rmtree(path)
     torch.distributed.barrier()
     rng_states = [None] * torch.distributed.get_world_size()
@@ -148,9 +148,7 @@ def save(engine, state: TrainingState) -> str:
             "merge_scheduler": merges.state_dict() if merges else None, "layout": list(sizes),
         })
     torch.distributed.barrier()  # every rank has written its part
-    if rank == 0:
-        _write_marker(args.save, state.iteration)
-    torch.distributed.barrier()
+    commit_checkpoint(args, path, state.iteration)
     return path
 
 
@@ -160,7 +158,7 @@ def load(engine) -> TrainingState:
     Call :func:`megatron_poet.training.checkpointing.check_checkpoint_args` first.
     """
     args = engine.args
-    iteration = latest_iteration(args.load) if args.load else None
+    iteration = iteration_to_load(args)
     if iteration is None:
         return TrainingState()
     path = checkpoint_dir(args.load, iteration)
