@@ -26,7 +26,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        # wandb: the W&B tests run it offline (nothing is sent).
+        "test": ["pytest", "pytest-timeout", "wandb"],
+        "wandb": ["wandb"],
         # The DeepSpeed engine reaches into ZeRO optimizers' internals (megatron_poet/training/engine/
         # deepspeed_state.py): tested with 0.19.8.
         "deepspeed": ["deepspeed>=0.19,<0.20"],

@@ -21,6 +21,8 @@ solve is accurate.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -158,6 +160,19 @@ class _RecomputedPOETLinear(torch.autograd.Function):
         return grad_x, None, skew_grads[0], None, None, skew_grads[1], None, None, None, None, None
 
 
+def _profiled(name: str):
+    """Label each call in ``torch.profiler`` traces (``poet::...``; its backward shows as the autograd
+    node, e.g. ``_RotateInputBackward``). Cheap when no profiler runs."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def labelled(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return fn(*args, **kwargs)
+        return labelled
+    return decorate
+
+
+@_profiled("poet::rotate_input")
 def rotate_input(x: torch.Tensor, side: OrthogonalSide, skew: torch.Tensor | None = None) -> torch.Tensor:
     """``z = BD(G_R) Pi x`` ``(..., d) -> (..., d)`` (permuted order); saves ``x`` (gathered on the PyTorch path).
 
@@ -166,6 +181,7 @@ def rotate_input(x: torch.Tensor, side: OrthogonalSide, skew: torch.Tensor | Non
     return _RotateInput.apply(x, side.skew if skew is None else skew, side.perm, side.inv_perm, side)
 
 
+@_profiled("poet::frozen_gemm")
 def frozen_linear(z: torch.Tensor, frozen_weight: torch.Tensor, fp8=None) -> torch.Tensor:
     """``h = A0' z`` ``(..., d_in) -> (..., d_out)``; no gradient for ``A0'``, nothing saved but a reference.
 
@@ -174,12 +190,14 @@ def frozen_linear(z: torch.Tensor, frozen_weight: torch.Tensor, fp8=None) -> tor
     return _FrozenLinear.apply(z, frozen_weight, fp8)
 
 
+@_profiled("poet::rotate_output")
 def rotate_output(h: torch.Tensor, side: OrthogonalSide, *, save_output: bool = False,
                   skew: torch.Tensor | None = None) -> torch.Tensor:
     """``y = Pi^T BD(G_P) h`` ``(..., d) -> (..., d)``; saves ``h``, or ``y`` with ``save_output``."""
     return _RotateOutput.apply(h, side.skew if skew is None else skew, side.perm, side.inv_perm, side, save_output)
 
 
+@_profiled("poet::recomputed_linear")
 def recomputed_poet_linear(
     x: torch.Tensor, frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide | None,
     *, comm=None, input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None, fp8=None,

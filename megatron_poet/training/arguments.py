@@ -15,7 +15,7 @@ from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
 from megatron_poet.poet.cayley import MAX_ORTHOGONALITY_ERROR, ORTHOGONALITY_WARNING
 from megatron_poet.poet.init import INIT_SCHEMES
 
-from . import fp8
+from . import fp8, metrics, profiling
 from .engine import deepspeed_config
 from .flag_help import document
 
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     deepspeed_config.add_arguments(p)
     fp8.add_arguments(p)
+    profiling.add_arguments(p)
+    metrics.add_arguments(p)
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -351,6 +353,8 @@ def validate_args(args: argparse.Namespace) -> None:
          f"gpt2 style's learned position table has no row for the later positions; raise "
          f"--max-position-embeddings or lower --seq-length")
     errors += deepspeed_config.deepspeed_arg_errors(args)
+    errors += profiling.argument_errors(args)
+    errors += metrics.argument_errors(args)
     errors += fp8.fp8_arg_errors(args)
     if args.poet:
         _check_poet(args, need, bool(errors))

@@ -28,6 +28,7 @@ and unknown GPUs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -38,6 +39,8 @@ import psutil
 import torch
 
 from .arguments import linear_shapes
+from .engine.base import device as _device
+from .metrics import metric_writers
 
 # Dense peak TFLOP/s per GPU (bf16, tf32) from the vendors' data sheets (no sparsity).
 _PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0),
@@ -107,15 +110,13 @@ class TrainingLogger:
         self.flops = flops_per_iteration(args, vocab_size)
         self.peak = peak_tflops(args.bf16)
         self.is_logger = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-        self.writer = None
-        if self.is_logger and args.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
+        self.writers = metric_writers(args) if self.is_logger else []
         self.start_iteration = start_iteration
         self._window_start = time.time()
         self._window_iters = 0
-        self._run_start = time.time()
+        self._training_start = time.time()
+        # Seconds outside the iterations, kept out of ms/iteration, tokens/s and MFU (Megatron's timers).
+        self.phase_seconds = {"evaluation": 0.0, "checkpointing": 0.0}
         self.last_loss: tuple[int, float] | None = None  # (iteration, train loss), for the summary
         self.last_validation: tuple[int, float] | None = None
         self._window_skipped = 0  # skipped iterations since the last line (Megatron's count)
@@ -124,6 +125,27 @@ class TrainingLogger:
     def print(self, message: str) -> None:
         if self.is_logger:
             print(message, flush=True)
+
+    def start_training(self) -> None:
+        """The first iteration starts now: what came before is set-up."""
+        self._window_start = self._training_start = time.time()
+
+    @contextlib.contextmanager
+    def timed(self, phase: str, name: str):
+        """Time an evaluation or a save (collective: every rank enters it at the same point).
+
+        Its time is kept out of the iteration window and added to ``phase_seconds[phase]``, and a line
+        in Megatron-LM's timer format gives its ``(min, max)`` over ranks.
+        """
+        start = time.time()
+        yield
+        seconds = time.time() - start
+        self._window_start += seconds
+        self.phase_seconds[phase] += seconds
+        spread = torch.tensor([-seconds, seconds], dtype=torch.float64, device=_device())
+        torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+        self.print(f" (min, max) time across ranks (ms):\n    {name} {'.' * max(1, 40 - len(name))}: "
+                   f"({-1000 * float(spread[0]):.2f}, {1000 * float(spread[1]):.2f})")
 
     def iteration(self, iteration: int, consumed_samples: int, lr: float, loss: float,
                   grad_norm: float | None, merges: int, orth_error: float | None,
@@ -175,7 +197,7 @@ class TrainingLogger:
                 fields.append(f"A0 norm drift: {a0_drift:.1e}")
         fields.append(f"ETA {eta}")
         self.print(f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] " + " | ".join(fields))
-        if self.writer:
+        if self.writers:
             scalars = {"lm loss": loss, "learning-rate": lr, "tokens-per-sec-per-gpu": tokens_per_s,
                        "tflops-per-gpu": tflops, "iteration-time-ms": 1000 * seconds, "peak-mem-gib": mem,
                        "skipped-iterations": self._window_skipped}
@@ -185,9 +207,8 @@ class TrainingLogger:
                 scalars.update({"poet/merges": merges, "poet/max-orthogonality-error": orth_error})
                 if a0_drift is not None:
                     scalars["poet/a0-norm-drift"] = a0_drift
-            for name, value in scalars.items():
-                self.writer.add_scalar(name, value, iteration)
-            self.writer.flush()
+            for writer in self.writers:
+                writer.add_scalars(scalars, iteration)
         self._window_skipped = 0
         return True
 
@@ -198,20 +219,21 @@ class TrainingLogger:
         line = f" {label} loss at iteration {iteration} | lm loss: {loss:.6E} | lm loss PPL: {ppl:.6E} "
         bar = "-" * len(line)
         self.print(f"{bar}\n{line}\n{bar}")
-        if self.writer:
-            self.writer.add_scalar(f"{label}/lm loss", loss, iteration)
-            self.writer.add_scalar(f"{label}/lm loss ppl", ppl, iteration)
-            self.writer.flush()
+        for writer in self.writers:
+            writer.add_scalars({f"{label}/lm loss": loss, f"{label}/lm loss ppl": ppl}, iteration)
 
     def summary(self, iteration: int, consumed_samples: int) -> None:
         """The end-of-run block: iterations, tokens, wall time, final losses, where the outputs are."""
         if self.is_logger:
-            self.print(run_summary(self.args, self.start_iteration, iteration, consumed_samples,
-                                   time.time() - self._run_start, self.last_loss, self.last_validation, self.skipped))
+            phases = {"set-up": self._training_start - psutil.Process().create_time()}
+            outside = sum(self.phase_seconds.values())
+            phases.update(training=time.time() - self._training_start - outside, **self.phase_seconds)
+            self.print(run_summary(self.args, self.start_iteration, iteration, consumed_samples, phases,
+                                   self.last_loss, self.last_validation, self.skipped))
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
 
 
 def _loss_line(what: str, record: tuple[int, float] | None) -> str:
@@ -222,9 +244,10 @@ def _loss_line(what: str, record: tuple[int, float] | None) -> str:
 
 
 def run_summary(args: argparse.Namespace, start_iteration: int, iteration: int, consumed_samples: int,
-                training_seconds: float, last_loss: tuple[int, float] | None,
+                phases: dict[str, float], last_loss: tuple[int, float] | None,
                 last_validation: tuple[int, float] | None, skipped: int = 0) -> str:
-    """The lines printed at the end of a run (see :meth:`TrainingLogger.summary`)."""
+    """The lines printed at the end of a run (see :meth:`TrainingLogger.summary`); ``phases``:
+    seconds of set-up, training (iterations only), evaluation and checkpointing."""
     from .checkpointing import checkpoint_dir, latest_iteration
 
     wall = time.time() - psutil.Process().create_time()
@@ -236,8 +259,8 @@ def run_summary(args: argparse.Namespace, start_iteration: int, iteration: int, 
         f" iterations: {done} in this run ({start_iteration + 1}-{iteration}){stopped}; {tokens:,} tokens "
         f"({consumed_samples * args.seq_length:,} since the start of training)"
         + (f"; {skipped} skipped (non-finite or spiking loss or gradient)" if skipped else ""),
-        f" wall time: {datetime.timedelta(seconds=round(wall))} "
-        f"(training {datetime.timedelta(seconds=round(training_seconds))})",
+        f" wall time: {datetime.timedelta(seconds=round(wall))} ("
+        + ", ".join(f"{name} {datetime.timedelta(seconds=round(max(0.0, t)))}" for name, t in phases.items()) + ")",
         _loss_line("train", last_loss),
         _loss_line("validation", last_validation),
     ]
@@ -251,4 +274,8 @@ def run_summary(args: argparse.Namespace, start_iteration: int, iteration: int, 
         lines.append(f" TensorBoard: tensorboard --logdir {os.path.abspath(args.tensorboard_dir)}")
     else:
         lines.append(" TensorBoard: off (set --tensorboard-dir DIR, or TENSORBOARD_DIR=DIR)")
+    if args.wandb_project:
+        lines.append(f" Weights & Biases: project {args.wandb_project}"
+                     + (f", run {args.wandb_exp_name}" if args.wandb_exp_name else "")
+                     + (f", files under {os.path.abspath(args.wandb_save_dir)}" if args.wandb_save_dir else ""))
     return "\n".join(lines)

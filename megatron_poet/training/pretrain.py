@@ -10,6 +10,7 @@ corpus (generated and cached on first use; no network needed).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Iterator
@@ -27,6 +28,7 @@ from .logging import TrainingLogger
 from .model_provider import build_model_chunks, padded_vocab_size
 from .process import (output_on_rank_zero_only, prepare_training_process, rank_from_env,
                       use_in_process_checkpoint_results)
+from .slurm import SlurmEnvError, adopt_slurm_env
 from .train import train
 
 
@@ -79,6 +81,12 @@ def _iterate(loader) -> Iterator[dict]:
 def main(argv: list[str] | None = None) -> int:
     """Run the program; returns the exit code (2: bad input, reported once; 3: the run diverged (see
     :mod:`.finite`); 130: interrupted during set-up)."""
+    try:
+        adopt_slurm_env()  # under srun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's variables
+    except SlurmEnvError as e:
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     prepare_training_process()
     try:
         return _run(argv)

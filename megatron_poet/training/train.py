@@ -13,6 +13,7 @@ from .engine import TrainingEngine, TrainingState
 from .engine.base import device
 from .finite import FactorCheck, IterationGuard, check_state_before_save
 from .logging import TrainingLogger
+from .profiling import LoopInstruments
 from .replicas import check_replicas
 from .signals import SignalHandler
 
@@ -60,8 +61,11 @@ def train(
     factor_check = FactorCheck(args, logger.print)
     merge_scheduler = engine.merge_scheduler
     orth_max = 0.0
+    instruments = LoopInstruments(args)
+    logger.start_training()
     try:
         while state.iteration < args.train_iters:
+            instruments.begin(state.iteration + 1)
             if merge_scheduler is not None and args.poet_clip_ramp_iters and merge_scheduler.merges_done:
                 j = merge_scheduler.steps_since_merge + 1  # j-th step after the last merge
                 engine.set_clip_scale(min(1.0, j / args.poet_clip_ramp_iters))
@@ -92,22 +96,27 @@ def train(
                                     result.grad_norm, merges, orth_max, a0_drift, skipped):
                     orth_max = 0.0
 
+            instruments.end(state.iteration)
             last = state.iteration == args.train_iters
             if make_valid_iterator and args.eval_iters and (state.iteration % args.eval_interval == 0 or last):
-                val = evaluate(args, engine, make_valid_iterator)
+                instruments.before_eval()
+                with logger.timed("evaluation", "evaluate"):
+                    val = evaluate(args, engine, make_valid_iterator)
                 if val is not None:
                     logger.validation(state.iteration, val)
             stop = signals.should_stop()
             exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
             if args.save and (state.iteration % args.save_interval == 0 or last or exit_now
                               or (stop and args.save_on_signal)):
-                check_state_before_save(args, engine, state.iteration, factor_check)
-                path = engine.save_checkpoint(state)
+                with logger.timed("checkpointing", "save-checkpoint"):
+                    check_state_before_save(args, engine, state.iteration, factor_check)
+                    path = engine.save_checkpoint(state)
                 logger.print(f" saved checkpoint at iteration {state.iteration} to {path}")
             if stop or exit_now:
                 why = "a signal" if stop else "--exit-interval"
                 logger.print(f" stopping at iteration {state.iteration} ({why})")
                 break
     finally:
+        instruments.close()
         signals.close()
     return state
