@@ -24,7 +24,6 @@ import torch
 from megatron_poet.poet.linear import POETModule, dense_from_factors
 from megatron_poet.poet.optim import MergeScheduler
 from megatron_poet.training.engine import deepspeed as engine_module
-from megatron_poet.training.engine import deepspeed_checkpoint
 from megatron_poet.training.engine.deepspeed_state import gathered, poet_masters
 
 REPORT_DIR = sys.argv.pop(1)
@@ -114,7 +113,7 @@ def merge_now(self):
     _write_report()
 
 
-original_save = deepspeed_checkpoint.save
+original_save = engine_module.DeepSpeedEngine.save_checkpoint
 
 
 def save(engine, state):
@@ -126,7 +125,7 @@ def save(engine, state):
 
 engine_module.DeepSpeedEngine.__init__ = init
 MergeScheduler.merge_now = merge_now
-deepspeed_checkpoint.save = save
+engine_module.DeepSpeedEngine.save_checkpoint = save
 
 if __name__ == "__main__":
     from megatron_poet.training.pretrain import main

@@ -29,7 +29,7 @@ def main() -> None:
     assert sep == "--", "usage: OUT.pt -- TRAINING_ARGV"
     from megatron.core import dist_checkpointing, tensor_parallel
 
-    from megatron_poet.training.checkpointing import checkpoint_dir, latest_iteration
+    from megatron_poet.checkpoint import checkpoint_dir, latest_iteration
     from megatron_poet.training.pretrain import main as pretrain
 
     from megatron_poet.data import build_tokenizer

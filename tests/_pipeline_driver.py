@@ -78,7 +78,7 @@ def main() -> None:
     from megatron_poet.data import build_tokenizer
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
     from megatron_poet.training.arguments import parse_args
-    from megatron_poet.training.checkpointing import checkpoint_dir, latest_iteration
+    from megatron_poet.checkpoint import checkpoint_dir, latest_iteration
     from megatron_poet.training.model_provider import build_model_chunks, padded_vocab_size
 
     args = parse_args(argv)

@@ -83,7 +83,7 @@ def test_damaged_checkpoint_is_named_with_the_newest_good_one(data, saved, tmp_p
 def test_resume_with_ckpt_step_past_a_damaged_checkpoint(data, saved, tmp_path):
     """--ckpt-step 4 resumes the verified checkpoint, reproduces iterations 5-6 bitwise and writes
     iteration 6 again over the damaged directory (which the marker still names)."""
-    from megatron_poet.export.checkpoint import CheckpointReadError
+    from megatron_poet.checkpoint import CheckpointReadError
     from megatron_poet.export.from_checkpoint import convert_checkpoint
 
     root, straight = _copy(saved[0], tmp_path), saved[1]

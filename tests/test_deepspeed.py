@@ -141,7 +141,7 @@ def test_resume_reproduces_the_uninterrupted_losses(stage, stopped, data, zero_r
     Adam state, LR schedule, permutations, merge counter, data position and every rank's RNG (dropout
     is on) are restored; deterministic CPU math leaves no other difference. ZeRO-1: from a run stopped
     by ``--exit-interval 4``; ZeRO-3: from the uninterrupted run's iteration-4 checkpoint."""
-    from megatron_poet.training.checkpointing import _write_marker
+    from megatron_poet.checkpoint import write_marker
 
     uninterrupted, _, ckpt, _, _ = zero_run(stage)
     program = ["-m", "megatron_poet.training.pretrain", *data, *COMMON, *stage_flags(stage)]
@@ -151,7 +151,7 @@ def test_resume_reproduces_the_uninterrupted_losses(stage, stopped, data, zero_r
         assert "stopping at iteration 4 (--exit-interval)" in out.stdout
         assert losses(out) == {i: uninterrupted[i] for i in range(1, 5)}
     else:
-        _write_marker(ckpt, 4)
+        write_marker(ckpt, 4)
     out = _torchrun(program + ["--load", ckpt], extensions_dir)
     assert "resumed from" in out.stdout and "at iteration 4" in out.stdout
     assert losses(out) == {i: uninterrupted[i] for i in range(5, 9)}
@@ -262,7 +262,8 @@ def test_config_file_is_completed_from_the_flags(tmp_path):
 
 
 def test_resuming_with_another_engine_or_stage_is_refused(data, zero_run, megatron_run):
-    from megatron_poet.training.checkpointing import CheckpointError, check_checkpoint_args
+    from megatron_poet.checkpoint import CheckpointError
+    from megatron_poet.training.checkpointing import check_checkpoint_args
 
     _, _, zero3_ckpt, _, _ = zero_run(3)
     _, megatron_ckpt = megatron_run

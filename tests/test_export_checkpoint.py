@@ -79,7 +79,7 @@ def train_and_reference(data_flags: list[str], name: str, tmp_path) -> tuple[str
     reference = str(tmp_path / "reference.pt")
     out = torchrun(tp, [os.path.join(ROOT, "tests", "_export_reference.py"), reference, "--", *argv, "--save", ckpt])
     if "--no-poet" not in extra:  # the export must see a merged A0 and factors trained after it
-        from megatron_poet.export.checkpoint import read_common_state
+        from megatron_poet.checkpoint.dist_format import read_common_state
 
         merges = read_common_state(os.path.join(ckpt, "iter_0000003"))["merge_scheduler"]
         assert merges["merges_done"] == 1 and merges["steps_since_merge"] == 1, merges
@@ -165,7 +165,8 @@ def test_fully_stochastic_tp2_run_resumes_bitwise_and_exports(data, trained, tmp
 
     from megatron_poet.export.from_checkpoint import convert_checkpoint
     from megatron_poet.training.arguments import parse_args
-    from megatron_poet.training.checkpointing import CheckpointError, _write_marker, check_checkpoint_args
+    from megatron_poet.checkpoint import CheckpointError, write_marker
+    from megatron_poet.training.checkpointing import check_checkpoint_args
 
     ckpt, ref = trained("poet_fs_tp2")
     log = ref["training_log"]
@@ -174,7 +175,7 @@ def test_fully_stochastic_tp2_run_resumes_bitwise_and_exports(data, trained, tmp
     straight = dict(re.findall(r"iteration\s+(\d+)/\s*\d+ .*?\| lm loss: (\S+) ", log))
     argv = data[0] + TINY + CASES["poet_fs_tp2"][0] + ["--tensor-model-parallel-size", "2", "--load", ckpt]
     shutil.copytree(ckpt, tmp_path / "ckpt")
-    _write_marker(str(tmp_path / "ckpt"), 2)
+    write_marker(str(tmp_path / "ckpt"), 2)
     argv[argv.index(ckpt)] = str(tmp_path / "ckpt")
     resumed = torchrun(2, ["-m", "megatron_poet.training.pretrain", *argv])
     assert dict(re.findall(r"iteration\s+(\d+)/\s*\d+ .*?\| lm loss: (\S+) ", resumed.stdout)) == {"3": straight["3"]}
@@ -189,7 +190,8 @@ def test_fully_stochastic_tp2_run_resumes_bitwise_and_exports(data, trained, tmp
 @needs_corpus
 def test_checkpoint_of_another_model_is_refused(data, trained, tmp_path):
     """Arguments claiming POET over --no-poet tensors: the missing POET tensors are named."""
-    from megatron_poet.export.checkpoint import CheckpointReadError, read_common_state
+    from megatron_poet.checkpoint import CheckpointReadError
+    from megatron_poet.checkpoint.dist_format import read_common_state
     from megatron_poet.export.from_checkpoint import convert_checkpoint
 
     source = os.path.join(trained("no_poet_tp2")[0], "iter_0000003")
@@ -203,7 +205,7 @@ def test_checkpoint_of_another_model_is_refused(data, trained, tmp_path):
 
 
 def test_unreadable_checkpoints_fail_clearly(tmp_path):
-    from megatron_poet.export.checkpoint import CheckpointReadError, resolve_checkpoint
+    from megatron_poet.checkpoint import CheckpointReadError, resolve_checkpoint
 
     with pytest.raises(CheckpointReadError, match="does not exist"):
         resolve_checkpoint(str(tmp_path / "nowhere"))
@@ -238,7 +240,8 @@ def _fake_checkpoint(directory) -> None:
 
 
 def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
-    from megatron_poet.export.checkpoint import CheckpointReadError, read_common_state, read_tensor_shapes
+    from megatron_poet.checkpoint import CheckpointReadError, DistFormat
+    from megatron_poet.checkpoint.dist_format import read_tensor_shapes
 
     pwned = tmp_path / "pwned"
     ckpt = tmp_path / "iter_0000001"
@@ -249,5 +252,5 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
         read_tensor_shapes(str(ckpt))
     torch.save({"args": _Exploit(pwned)}, ckpt / "common.pt")  # the common state, read with torch.load
     with pytest.raises(CheckpointReadError, match=r"refusing to load .*common\.pt: it references posix\.system"):
-        read_common_state(str(ckpt))
+        DistFormat().read_args(str(ckpt))
     assert not pwned.exists()

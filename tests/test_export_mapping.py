@@ -173,7 +173,7 @@ def test_poet_megatron_model_matches_transformers(tmp_path, style):
         with torch.no_grad():
             for m in layers:
                 for p in m.poet_parameters():
-                    p.normal_(0, 0.2, generator=g)
+                    p.normal_(0, 0.05, generator=g)  # trained-size factors: the export refuses far-from-orthogonal ones
 
     perturb()
     for m in layers:

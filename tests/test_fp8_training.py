@@ -56,10 +56,10 @@ def test_fp8_at_tp1_resumes_the_tp2_run(data, fp8_tp2):
     scales are the unsharded layer's. Tolerance 2e-3 relative: TP=2 rounds each rank's partial
     row-parallel output to bf16 before summing (2^-8 relative per element), measured 4e-4; the
     float32 layer-level comparison (test below) is the sharp one."""
-    from megatron_poet.training.checkpointing import _write_marker
+    from megatron_poet.checkpoint import write_marker
 
     fp8, _, ckpt = fp8_tp2
-    _write_marker(ckpt, 3)
+    write_marker(ckpt, 3)
     out = run(data + RUN + FP8 + ["--load", ckpt])
     assert "resumed from" in out.stdout and "TP 1" in out.stdout
     resumed = losses(out)

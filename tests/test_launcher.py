@@ -146,7 +146,7 @@ def test_two_nodes_train_like_one_node(data, one_node_dp2):
 
 @needs_corpus
 def test_ctrl_c_saves_and_stops_every_rank(data, tmp_path):
-    from megatron_poet.training.checkpointing import latest_iteration
+    from megatron_poet.checkpoint import latest_iteration
 
     ckpt = str(tmp_path / "ckpt")
     proc = start(SMALL + data + ["--train-iters", "100000"], merge_stderr=True, GPUS_PER_NODE=2,

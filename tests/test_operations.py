@@ -157,3 +157,18 @@ def test_log_line_times_count_training_iterations_only(data, tmp_path):
     # 20 forward-only eval batches cost several training iterations: left in, they would dominate.
     assert sorted(per_iteration)[3] < 0.5 * sorted(evaluate)[3], (per_iteration, evaluate)
     assert re.search(r"wall time: \S+ \(set-up \S+, training \S+, evaluation \S+, checkpointing \S+\)", out.stdout)
+
+
+def test_sbatch_example_flags_are_valid_for_its_job(tmp_path):
+    """The sbatch example's flags parse for its 2 x 8 tasks (world size 16), with the data it names."""
+    from megatron_poet.training.arguments import parse_args
+
+    script = os.path.join(ROOT, "examples", "sbatch_pretrain_gpt_poet.sh")
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"corpus{suffix}").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    shell = (f'SLURM_JOB_NAME=job DATA_PATH={tmp_path}/corpus TOKENIZER={tmp_path}/tokenizer.json; '
+             f'CHECKPOINT_PATH={tmp_path}/ckpt; eval "$(sed -n "/^FLAGS=(/,/^)/p" {script})"; printf "%s\\n" "${{FLAGS[@]}}"')
+    flags = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout.splitlines()
+    args = parse_args(flags, world_size=16)
+    assert (args.tensor_model_parallel_size, args.data_parallel_size) == (2, 8) and args.poet_mode == "mem"

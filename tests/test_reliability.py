@@ -86,7 +86,7 @@ def test_skipped_iterations_change_nothing_on_the_megatron_engine(diverging_run)
 
 
 def test_diverged_run_stops_once_and_keeps_the_last_finite_checkpoint(diverging_run):
-    from megatron_poet.training.checkpointing import latest_iteration
+    from megatron_poet.checkpoint import latest_iteration
 
     out, _, codes, ckpt, _ = diverging_run
     assert codes == [3, 3], (codes, out.stderr[-3000:])
@@ -115,7 +115,7 @@ def test_skips_are_logged_and_recorded_in_tensorboard(diverging_run):
 
 def test_a_non_finite_state_is_never_saved(data, tmp_path):
     """With the check off a NaN gradient reaches the parameters; the save at --exit-interval 2 is refused."""
-    from megatron_poet.training.checkpointing import latest_iteration
+    from megatron_poet.checkpoint import latest_iteration
 
     ckpt = str(tmp_path / "ckpt")
     argv = data + TINY + ["--train-iters", "6", "--no-check-for-nan-in-loss-and-grad", "--save", ckpt,
@@ -142,7 +142,10 @@ def test_skipped_iterations_change_nothing_under_zero3(data, tmp_path):
 
 
 def replace_stored_item(iter_dir: str, fqn: str, payload: bytes) -> None:
-    """Make checkpoint ``iter_dir`` read item ``fqn`` (a tensor or an object) from ``payload``, a new file."""
+    """Make checkpoint ``iter_dir`` read item ``fqn`` (a tensor or an object) from ``payload``, a new file,
+    with a manifest to match (as a forged checkpoint would have: the manifest catches damage, not malice)."""
+    from megatron_poet.checkpoint.manifest import write_manifest
+
     index = os.path.join(iter_dir, ".metadata")
     with open(index, "rb") as f:
         metadata = pickle.load(f)  # this test's own file
@@ -155,6 +158,7 @@ def replace_stored_item(iter_dir: str, fqn: str, payload: bytes) -> None:
                                                          offset=0, length=len(payload))
     with open(index, "wb") as f:
         pickle.dump(metadata, f)
+    write_manifest(iter_dir)
 
 
 def _saved(obj) -> bytes:
@@ -164,7 +168,7 @@ def _saved(obj) -> bytes:
 
 
 def test_export_refuses_non_finite_tensors(diverging_run, tmp_path):
-    from megatron_poet.export.checkpoint import CheckpointReadError
+    from megatron_poet.checkpoint import CheckpointReadError
     from megatron_poet.export.from_checkpoint import convert_checkpoint
 
     _, _, _, ckpt, _ = diverging_run
@@ -184,11 +188,11 @@ def test_export_refuses_non_finite_tensors(diverging_run, tmp_path):
 
 def test_resume_refuses_a_malicious_object_in_a_distcp_file(data, diverging_run, tmp_path):
     """Only rank 1's RNG state is malicious: rank 0 reports rank 1's refusal, once; nothing runs."""
-    from megatron_poet.training.checkpointing import _write_marker
+    from megatron_poet.checkpoint import write_marker
 
     _, _, _, ckpt, _ = diverging_run
     shutil.copytree(os.path.join(ckpt, "iter_0000008"), tmp_path / "ckpt" / "iter_0000008")
-    _write_marker(str(tmp_path / "ckpt"), 8)
+    write_marker(str(tmp_path / "ckpt"), 8)
     pwned = tmp_path / "pwned"
     replace_stored_item(str(tmp_path / "ckpt" / "iter_0000008"), "rng_state/shard_0.0.1_1.1.2", _saved([Exploit(pwned)]))
     out = run(data + GUARD + ["--train-iters", "20", "--global-batch-size", "8", "--use-distributed-optimizer",
@@ -205,7 +209,7 @@ def test_factors_far_from_orthogonal_stop_the_run_before_a_save(data, tmp_path):
     iteration-1 checkpoint it names exports as a finite model. (Before issue 19 the run saved such
     factors, and the export folded them into weights up to 2.8e38 and inf.)"""
     from megatron_poet.export.from_checkpoint import convert_checkpoint
-    from megatron_poet.training.checkpointing import latest_iteration
+    from megatron_poet.checkpoint import latest_iteration
 
     ckpt = str(tmp_path / "ckpt")
     out = run(data + TINY + ["--lr", "1e4", "--poet-lr", "1e4", "--train-iters", "4", "--save", ckpt,

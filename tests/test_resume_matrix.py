@@ -50,7 +50,7 @@ def _flags(case: str, tmp_path) -> list[str]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_resume_with_its_own_poet_lr_is_bitwise(case, data, tmp_path, monkeypatch):
-    from megatron_poet.training.checkpointing import _write_marker
+    from megatron_poet.checkpoint import write_marker
 
     if case.startswith("zero"):
         if not HAS_DEEPSPEED:
@@ -60,7 +60,7 @@ def test_resume_with_its_own_poet_lr_is_bitwise(case, data, tmp_path, monkeypatc
     program = data + COMMON + _flags(case, tmp_path) + ["--save", ckpt]
     straight = losses(run(program, nproc=2))
     assert sorted(straight) == list(range(1, 9)), straight
-    _write_marker(ckpt, 4)
+    write_marker(ckpt, 4)
     out = run(program + ["--load", ckpt], nproc=2)
     assert "at iteration 4" in out.stdout
     assert losses(out) == {i: straight[i] for i in range(5, 9)}

@@ -93,15 +93,16 @@ def test_common_pt(data, tmp_path, marker):
 
     from megatron_poet.safe_loading import UnsafeFileError, restricted_loading
     from megatron_poet.training.arguments import parse_args
-    from megatron_poet.training.checkpointing import _write_marker, check_checkpoint_args
+    from megatron_poet.checkpoint import CheckpointError, write_marker
+    from megatron_poet.training.checkpointing import check_checkpoint_args
 
     path, ran = marker
     ckpt = _dist_checkpoint(tmp_path / "run" / "iter_0000001", path, bad_common=True)
     torch.load(os.path.join(ckpt, "common.pt"), weights_only=False)
     assert ran()  # the file is really malicious
-    _write_marker(str(tmp_path / "run"), 1)
+    write_marker(str(tmp_path / "run"), 1)
     args = parse_args(data + TINY + ["--load", str(tmp_path / "run")], world_size=1)
-    with pytest.raises(UnsafeFileError, match=r"refusing to load .*common\.pt: it references posix\.system"):
+    with pytest.raises(CheckpointError, match=r"refusing to load .*common\.pt: it references posix\.system"):
         check_checkpoint_args(args)
     with pytest.raises(UnsafeFileError, match=r"common\.pt \(checkpoint .*\): it references posix\.system"):
         with restricted_loading(f"checkpoint {ckpt}"):
@@ -161,11 +162,10 @@ def test_other_dist_checkpoint_backends_are_refused(tmp_path, marker):
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason='deepspeed not installed (".[deepspeed]")')
 @pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
 def test_deepspeed_files(tmp_path, marker, name):
-    from megatron_poet.export.deepspeed_checkpoint import load_model_weights
-    from megatron_poet.export.checkpoint import CheckpointReadError
+    from megatron_poet.checkpoint import CheckpointReadError, DeepSpeedFormat
+    from megatron_poet.checkpoint.deepspeed_format import COMMON_FILE, ENGINE, check_files, reading
     from megatron_poet.safe_loading import UnsafeFileError
     from megatron_poet.training.engine.deepspeed import import_deepspeed
-    from megatron_poet.training.engine.deepspeed_checkpoint import COMMON_FILE, ENGINE, check_files, reading
 
     import_deepspeed()
     path, ran = marker
@@ -182,7 +182,7 @@ def test_deepspeed_files(tmp_path, marker, name):
         with reading(str(ckpt)):  # what DeepSpeed's own loads run under
             torch.load(ckpt / name, map_location="cpu", weights_only=False)
     with pytest.raises(CheckpointReadError, match=rf"refusing to load .*{name}"):
-        load_model_weights(torch.nn.Linear(1, 1), str(ckpt))
+        DeepSpeedFormat().load_model_weights(torch.nn.Linear(1, 1), str(ckpt))
     assert not ran()
 
 

@@ -82,7 +82,7 @@ def test_poet_loss_falls(uninterrupted):
 
 def test_kill_during_save_keeps_previous_checkpoint(data, first_half, tmp_path):
     """SIGKILL while iteration 6 is being saved: the marker stays on 4 and 4 still loads."""
-    from megatron_poet.training.checkpointing import MARKER, latest_iteration
+    from megatron_poet.checkpoint import MARKER, latest_iteration
 
     hung = tmp_path / "in_save"
     driver = tmp_path / "hang_in_save.py"
@@ -125,7 +125,7 @@ def test_kill_during_save_keeps_previous_checkpoint(data, first_half, tmp_path):
 
 def test_sigterm_saves_and_stops(data, tmp_path):
     """SIGTERM mid-run: the run finishes its iteration, saves it, moves the marker and exits 0."""
-    from megatron_poet.training.checkpointing import latest_iteration
+    from megatron_poet.checkpoint import latest_iteration
 
     ckpt = str(tmp_path / "ckpt")
     env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -189,7 +189,7 @@ def test_one_model_whatever_the_vocabulary_padding(data, tmp_path):
     Before issue 19 the padded logits entered the softmax and the first loss already differed.
     Tolerance 1e-5 relative: the layouts sum the same products in another order (fp32).
     """
-    from megatron_poet.training.checkpointing import _write_marker
+    from megatron_poet.checkpoint import write_marker
 
     ckpt = str(tmp_path / "ckpt")
     common = data + TINY + ["--train-iters", "6", "--poet-merge-interval", "3"]
@@ -203,7 +203,7 @@ def test_one_model_whatever_the_vocabulary_padding(data, tmp_path):
     for layout, (argv, nproc) in layouts.items():
         other = {i: float(v) for i, v in losses(run(argv, nproc=nproc)).items()}
         assert other.keys() == got.keys() and all(abs(other[i] / got[i] - 1) < 1e-5 for i in got), (layout, other, got)
-    _write_marker(ckpt, 3)
+    write_marker(ckpt, 3)
     resumed = {i: float(v) for i, v in losses(run(common + ["--load", ckpt])).items()}
     assert sorted(resumed) == [4, 5, 6]
     assert all(abs(resumed[i] / got[i] - 1) < 1e-5 for i in resumed), (resumed, got)
@@ -212,7 +212,7 @@ def test_one_model_whatever_the_vocabulary_padding(data, tmp_path):
 def test_data_parallel_2_distributed_optimizer_merge_and_resume(data, tmp_path):
     """DP=2 with the distributed optimizer: merges reset the sharded Adam state, and a run
     resumed from iteration 3 (one step after the first merge) reproduces iterations 4-6 bitwise."""
-    from megatron_poet.training.checkpointing import _write_marker
+    from megatron_poet.checkpoint import write_marker
 
     ckpt = str(tmp_path / "ckpt")
     common = data + TINY + ["--train-iters", "6", "--global-batch-size", "8", "--poet-merge-interval", "2",
@@ -221,7 +221,7 @@ def test_data_parallel_2_distributed_optimizer_merge_and_resume(data, tmp_path):
     straight = losses(out)
     assert "DP 2" in out.stdout and "merges: 3" in out.stdout
     assert float(straight[6]) < float(straight[1]) - 0.3, straight
-    _write_marker(ckpt, 3)  # resume from the first of the two checkpoints
+    write_marker(ckpt, 3)  # resume from the first of the two checkpoints
     resumed = losses(run(common + ["--load", ckpt], nproc=2))
     assert resumed == {i: straight[i] for i in (4, 5, 6)}
 
@@ -251,6 +251,8 @@ def _parse(argv: list[str], world_size: int = 1):
      "fully stochastic block_size=96 exceeds the permutation group size 64"),
     (["--poet-neumann-terms", "0"], 1, "neumann_terms must be an integer >= 1"),
     (["--train-iters", "10", "--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 < --lr-decay-iters 10"),
+    (["--async-save", "--zero-stage", "1", "--save", "ckpt"], 1, "--async-save uses megatron-core's asynchronous"),
+    (["--async-save"], 1, "--async-save needs --save DIR"),
 ])
 def test_bad_sizes_fail_before_work(argv, world, message):
     from megatron_poet.training.arguments import ArgumentError
@@ -268,7 +270,8 @@ def test_bad_input_exits_with_message_before_training():
 
 
 def test_load_of_another_model_shape_fails(data, first_half):
-    from megatron_poet.training.checkpointing import MARKER, CheckpointError, check_checkpoint_args
+    from megatron_poet.checkpoint import MARKER, CheckpointError
+    from megatron_poet.training.checkpointing import check_checkpoint_args
 
     args = _parse(data + TINY + ["--hidden-size", "128", "--load", first_half])
     args.vocab_size_unpadded = 320

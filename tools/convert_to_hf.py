@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_poet.library_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()  # before megatron-core is imported
-from megatron_poet.export.checkpoint import CheckpointReadError  # noqa: E402
+from megatron_poet.checkpoint import CheckpointReadError  # noqa: E402
 from megatron_poet.export.from_checkpoint import convert_checkpoint  # noqa: E402
 from megatron_poet.export.spec import UnsupportedModelError  # noqa: E402
 

@@ -2,13 +2,13 @@
 
 Steps (single process, CPU, whatever TP size the run used):
 
-1. find ``iter_XXXXXXX`` and read its common state (the run's model arguments) safely;
+1. find ``iter_XXXXXXX``, verify it against its manifest and read the run's model arguments
+   safely, through the checkpoint's format (:mod:`megatron_poet.checkpoint`: megatron
+   ``dist_checkpointing`` or DeepSpeed, any ZeRO stage);
 2. rebuild the run's model with the training program's own ``build_model`` at
    TP=1 / PP=1 in fp32, with the checkpoint's padded vocabulary size (it depends
-   on the training TP size, so it is read from the stored embedding's shape);
-3. load the model tensors with ``dist_checkpointing`` (which reshards TP>1 -> 1),
-   or, for a DeepSpeed-engine checkpoint (any ZeRO stage), with
-   :mod:`.deepspeed_checkpoint`;
+   on the training TP size, so the format reads it from the stored embedding);
+3. load the model tensors (``dist_checkpointing`` reshards TP>1 -> 1);
 4. refuse non-finite tensors (a diverged run's checkpoint) unless told otherwise;
 5. fold POET layers, map names and layouts, write the Hugging Face files.
 """
@@ -19,14 +19,9 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from ..checkpoint import SHAPE_ARGS, CheckpointReadError, format_of, resolve_checkpoint
 from ..poet.linear import POETModule
-from ..training.checkpointing import SHAPE_ARGS
-from ..training.engine.deepspeed_checkpoint import is_deepspeed_checkpoint, read_common
 from ..training.finite import describe, nonfinite_tensors
-from ..training.manifest import problems
-
-from . import deepspeed_checkpoint
-from .checkpoint import CheckpointReadError, load_model_weights, read_common_state, read_tensor_shapes, resolve_checkpoint
 from .hf_export import TokenizerInfo, export_gpt_model
 from .spec import ExportSpec
 
@@ -35,7 +30,6 @@ REQUIRED_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size
 # The other arguments that define the model's function; when a checkpoint lacks one,
 # the training program's default is assumed and reported.
 FUNCTION_ARGS = tuple(a for a in SHAPE_ARGS if a not in REQUIRED_ARGS)
-EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 
 @dataclass
@@ -142,25 +136,18 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
     path, iteration = resolve_checkpoint(load, iteration)
-    damaged = problems(path, checksums=False)
+    checkpoint = format_of(path)
+    damaged = checkpoint.verify(path, checksums=False)
     if damaged:
         raise CheckpointReadError(f"checkpoint {path} is damaged: {'; '.join(damaged[:3])}; export another "
                                   f"checkpoint (--iteration N)")
-    deepspeed = is_deepspeed_checkpoint(path)
-    common = read_common(path) if deepspeed else read_common_state(path)
-    saved = common.get("args")
+    saved = checkpoint.read_args(path)
     if not isinstance(saved, dict):
         raise CheckpointReadError(f"{path} records no model arguments ('args'); it was not written by the "
                                   f"training program")
     args, assumed = run_arguments(saved)
     token_info = _tokenizer(args, tokenizer)
-    if deepspeed:  # trained at TP=1: its own padding
-        padded_vocab = saved["padded_vocab_size"]
-    else:
-        shapes = read_tensor_shapes(path)
-        if EMBEDDING_KEY not in shapes:
-            raise CheckpointReadError(f"{path} has no {EMBEDDING_KEY}; cannot determine the vocabulary")
-        padded_vocab = shapes[EMBEDDING_KEY][0]
+    padded_vocab = checkpoint.padded_vocab_size(path)
 
     started = not torch.distributed.is_initialized()
     if started:
@@ -173,7 +160,7 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
 
         model = build_model(args, padded_vocab).eval()
         poet_layers = sum(isinstance(m, POETModule) for m in model.modules())
-        (deepspeed_checkpoint.load_model_weights if deepspeed else load_model_weights)(model, path)
+        checkpoint.load_model_weights(model, path)
         if not allow_non_finite:
             _check_finite(model, path)
         spec = export_gpt_model(model, output, tokenizer=token_info, dtype=dtype,

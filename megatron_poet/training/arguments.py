@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last-checkpoints", type=int, default=None,
                    help="keep only the K newest checkpoints under --save, deleting older ones once a newer one "
                         "verifies against its manifest; default: keep all")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background (megatron-core's asynchronous dist_checkpointing) "
+                        "while training goes on; the marker moves once every rank's write is complete")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="save the distributed optimizer's state so that it loads at any TP/PP/DP layout "
                         "(gathers it at save time); by default it reloads only at another DP size")
@@ -333,6 +336,10 @@ def validate_args(args: argparse.Namespace) -> None:
     need(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1,
          f"--keep-last-checkpoints must be >= 1, got {args.keep_last_checkpoints}")
     need(args.ckpt_step is None or (args.load and args.ckpt_step >= 0), "--ckpt-step needs --load and a value >= 0")
+    need(not (args.async_save and args.deepspeed),
+         "--async-save uses megatron-core's asynchronous dist_checkpointing; DeepSpeed's checkpoints are written "
+         "synchronously: drop --async-save or --deepspeed/--zero-stage")
+    need(not args.async_save or args.save, "--async-save needs --save DIR")
     interval = args.check_weight_hash_across_dp_replicas_interval
     need(interval is None or interval >= 1,
          f"--check-weight-hash-across-dp-replicas-interval must be >= 1, got {interval}")

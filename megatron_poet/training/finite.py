@@ -65,7 +65,7 @@ def describe(found: list[tuple[str, int]], limit: int = 8) -> str:
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
-    from .checkpointing import checkpoint_dir, latest_iteration
+    from megatron_poet.checkpoint import checkpoint_dir, latest_iteration
 
     saved = latest_iteration(args.save) if args.save else None
     where = (f"the latest checkpoint, {checkpoint_dir(args.save, saved)}, holds finite values: resume from it"
@@ -146,14 +146,19 @@ class FactorCheck:
         self.print = print_fn
         self.warned = False
 
-    def __call__(self, error: float, iteration: int, when: str = "") -> None:
+    def __call__(self, error: float, iteration: int, when: str = "", state_is_finite: bool = False) -> None:
         """Check ``error``, the largest orthogonality error of the model (the same on every rank).
 
-        Raises :class:`TrainingDiverged` past ``--poet-max-orthogonality-error`` (or if NaN).
+        Raises :class:`TrainingDiverged` past ``--poet-max-orthogonality-error``. A non-finite error
+        usually means non-finite factors, which the non-finite guard and :func:`check_state_before_save`
+        report by name: it is left to them unless ``state_is_finite`` (the caller just found every state
+        tensor finite, so the error overflowed from finite but huge factors).
         """
         args = self.args
+        if not math.isfinite(error) and not state_is_finite:
+            return
         limit = args.poet_max_orthogonality_error
-        if limit and not error <= limit:
+        if limit and error > limit:
             raise TrainingDiverged(
                 f"iteration {iteration}{when}: a POET factor's orthogonality error ||G^T G - I||_F is {error:.3g}, "
                 f"past --poet-max-orthogonality-error {limit:g}: its skew parameters left the range where the "
@@ -172,11 +177,6 @@ def check_state_before_save(args: argparse.Namespace, engine: TrainingEngine, it
 
     Collective over all ranks; the message names the tensors (of every rank, a few each).
     """
-    if factor_check is not None and engine.merge_scheduler is not None:
-        error = torch.tensor([engine.merge_scheduler.max_orthogonality_error()], device=device())
-        error = torch.nan_to_num(error, nan=math.inf)  # a NaN anywhere must win the MAX
-        torch.distributed.all_reduce(error, op=torch.distributed.ReduceOp.MAX)
-        factor_check(float(error), iteration, when=" (before saving)")
     found = nonfinite_tensors(engine.state_tensors())
     names = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(names, describe(found, limit=3) if found else None)
@@ -185,3 +185,7 @@ def check_state_before_save(args: argparse.Namespace, engine: TrainingEngine, it
         raise TrainingDiverged(
             f"not saving iteration {iteration}: the state holds non-finite values ({'; '.join(bad[:4])}"
             f"{' ...' if len(bad) > 4 else ''}); {_resume_hint(args)}")
+    if factor_check is not None and engine.merge_scheduler is not None:
+        error = torch.tensor([engine.merge_scheduler.max_orthogonality_error()], device=device())
+        torch.distributed.all_reduce(error, op=torch.distributed.ReduceOp.MAX)
+        factor_check(float(error), iteration, when=" (before saving)", state_is_finite=True)

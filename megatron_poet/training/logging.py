@@ -248,7 +248,7 @@ def run_summary(args: argparse.Namespace, start_iteration: int, iteration: int, 
                 last_validation: tuple[int, float] | None, skipped: int = 0) -> str:
     """The lines printed at the end of a run (see :meth:`TrainingLogger.summary`); ``phases``:
     seconds of set-up, training (iterations only), evaluation and checkpointing."""
-    from .checkpointing import checkpoint_dir, latest_iteration
+    from megatron_poet.checkpoint import checkpoint_dir, latest_iteration
 
     wall = time.time() - psutil.Process().create_time()
     done = iteration - start_iteration

@@ -26,8 +26,8 @@ from .finite import EXIT_DIVERGED, TrainingDiverged
 from .fp8 import describe_run_fp8
 from .logging import TrainingLogger
 from .model_provider import build_model_chunks, padded_vocab_size
-from .process import (output_on_rank_zero_only, prepare_training_process, rank_from_env,
-                      use_in_process_checkpoint_results)
+from .process import (output_on_rank_zero_only, prepare_checkpoint_results_queue, prepare_training_process,
+                      rank_from_env)
 from .slurm import SlurmEnvError, adopt_slurm_env
 from .train import train
 
@@ -108,7 +108,7 @@ def _run(argv: list[str] | None) -> int:
     from megatron_poet.data import DataError, build_pretraining_data_loader
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
-    use_in_process_checkpoint_results()
+    prepare_checkpoint_results_queue(background_saves=args.async_save)
     backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                                      virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size)
     try:
@@ -121,7 +121,7 @@ def _run(argv: list[str] | None) -> int:
                 print(f"error: {e}", file=sys.stderr)
             return 2
 
-        vocab = padded_vocab_size(args.vocab_size_unpadded, args)
+        vocab = args.padded_vocab_size = padded_vocab_size(args.vocab_size_unpadded, args)
         try:
             model_chunks = build_model_chunks(args, vocab)
         except ValueError as e:

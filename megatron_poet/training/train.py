@@ -11,7 +11,7 @@ import torch
 
 from .engine import TrainingEngine, TrainingState
 from .engine.base import device
-from .finite import FactorCheck, IterationGuard, check_state_before_save
+from .finite import FactorCheck, IterationGuard, TrainingDiverged, check_state_before_save
 from .logging import TrainingLogger
 from .profiling import LoopInstruments
 from .replicas import check_replicas
@@ -97,6 +97,7 @@ def train(
                     orth_max = 0.0
 
             instruments.end(state.iteration)
+            _report_saves(logger, engine.finish_saves())
             last = state.iteration == args.train_iters
             if make_valid_iterator and args.eval_iters and (state.iteration % args.eval_interval == 0 or last):
                 instruments.before_eval()
@@ -109,14 +110,29 @@ def train(
             if args.save and (state.iteration % args.save_interval == 0 or last or exit_now
                               or (stop and args.save_on_signal)):
                 with logger.timed("checkpointing", "save-checkpoint"):
+                    _report_saves(logger, engine.finish_saves(blocking=True))  # one save at a time
                     check_state_before_save(args, engine, state.iteration, factor_check)
                     path = engine.save_checkpoint(state)
-                logger.print(f" saved checkpoint at iteration {state.iteration} to {path}")
+                if args.async_save:
+                    logger.print(f" saving checkpoint at iteration {state.iteration} to {path} in the background")
+                else:
+                    logger.print(f" saved checkpoint at iteration {state.iteration} to {path}")
             if stop or exit_now:
                 why = "a signal" if stop else "--exit-interval"
                 logger.print(f" stopping at iteration {state.iteration} ({why})")
                 break
+    except TrainingDiverged:  # every rank at the same point: the save in flight holds an earlier, finite state
+        _report_saves(logger, engine.finish_saves(blocking=True))
+        raise
     finally:
         instruments.close()
         signals.close()
+    if args.async_save:  # the run waits for its save in flight (end, signal, --exit-interval)
+        with logger.timed("checkpointing", "wait-for-background-save"):
+            _report_saves(logger, engine.finish_saves(blocking=True))
     return state
+
+
+def _report_saves(logger: TrainingLogger, paths: list[str]) -> None:
+    for path in paths:
+        logger.print(f" saved checkpoint to {path} (background write complete)")

@@ -6,6 +6,7 @@
     result = engine.step(skip)               # clip, update, advance the LR schedule (or change nothing)
     engine.merge_scheduler.step()            # POET merge (calls engine.reset_poet_state)
     engine.save_checkpoint(state)            # / engine.load_checkpoint() at start-up
+    engine.finish_saves()                    # complete background saves that are done
 
 Two implementations: :class:`~.megatron.MegatronEngine` (megatron-core DDP or distributed
 optimizer, megatron's pipeline schedules, ``dist_checkpointing``) and
@@ -26,6 +27,7 @@ from typing import Callable, ContextManager, Iterator
 import torch
 from torch import nn
 
+from megatron_poet.checkpoint import CheckpointFormat
 from megatron_poet.poet.optim import MergeScheduler
 
 
@@ -114,11 +116,14 @@ class TrainingEngine(abc.ABC):
             order; one per virtual pipeline stage. The loop switches them to eval/train mode.
         merge_scheduler: the POET merge schedule (``None`` for ``--no-poet``), built by
             :meth:`_merge_scheduler` with this engine's optimizer-state reset.
+        checkpoint_format: the :class:`~megatron_poet.checkpoint.CheckpointFormat` this engine's
+            checkpoints are saved and loaded in.
     """
 
     name: str
     model_chunks: list[nn.Module]
     merge_scheduler: MergeScheduler | None
+    checkpoint_format: CheckpointFormat
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -186,13 +191,24 @@ class TrainingEngine(abc.ABC):
                         if isinstance(value, torch.Tensor):
                             yield f"{where} {key}", value
 
-    @abc.abstractmethod
     def save_checkpoint(self, state: TrainingState) -> str:
-        """Save everything needed to resume at ``state`` under ``--save``; returns the directory (all ranks call)."""
+        """Save everything needed to resume at ``state`` under ``--save``; returns the directory (all
+        ranks call). With ``--async-save`` the files are written in the background and the marker moves
+        at a later :meth:`finish_saves`."""
+        return self.checkpoint_format.save(self, state.iteration, state.consumed_samples)
 
-    @abc.abstractmethod
+    def finish_saves(self, blocking: bool = False) -> list[str]:
+        """Complete the background saves whose writes are done on every rank (all of them with
+        ``blocking``); returns their directories (all ranks call)."""
+        return self.checkpoint_format.finish_saves(blocking)
+
     def load_checkpoint(self) -> TrainingState:
-        """Restore the newest checkpoint under ``--load`` (``TrainingState()`` when there is none).
+        """Restore the checkpoint ``--load`` names (``TrainingState()`` when there is none).
 
         Call :func:`megatron_poet.training.checkpointing.check_checkpoint_args` first.
         """
+        from ..checkpointing import load_checkpoint
+
+        if not self.args.load:
+            return TrainingState()
+        return TrainingState(*load_checkpoint(self.args, self))

@@ -32,11 +32,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from megatron_poet.checkpoint import DeepSpeedFormat
 from megatron_poet.poet.optim import poet_modules, poet_param_groups
 
 from ..optimizer import canonical_learning_rate, dense_group_settings, lr_scheduler, poet_group_settings
-from . import deepspeed_checkpoint
-from .base import BatchLoss, StepResult, TrainingEngine, TrainingState, forward_step, num_microbatches, reduce_loss
+from .base import BatchLoss, StepResult, TrainingEngine, forward_step, num_microbatches, reduce_loss
 from .deepspeed_config import deepspeed_config
 from .deepspeed_state import POET_GROUP_KEY, SkippableStep, gathered, reset_poet_optimizer_state
 
@@ -107,6 +107,7 @@ class DeepSpeedEngine(TrainingEngine):
         self.scheduler = lr_scheduler(args, self.engine.optimizer)
         self.inner_step = SkippableStep(self.engine.optimizer, args.check_for_nan_in_loss_and_grad)
         self.merge_scheduler = self._merge_scheduler(gathered if self.zero_stage == 3 else None)
+        self.checkpoint_format = DeepSpeedFormat()
 
     def _run(self, data_iterator: Iterator[dict], backward: bool) -> BatchLoss | None:
         count = num_microbatches(self.args)
@@ -150,9 +151,3 @@ class DeepSpeedEngine(TrainingEngine):
 
     def torch_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.engine.optimizer.optimizer]
-
-    def save_checkpoint(self, state: TrainingState) -> str:
-        return deepspeed_checkpoint.save(self, state)
-
-    def load_checkpoint(self) -> TrainingState:
-        return deepspeed_checkpoint.load(self)

@@ -4,7 +4,7 @@ Every tensor-/pipeline-/data-parallel layout the program supports runs here. The
 chunks are wrapped in megatron's ``DistributedDataParallel``; one global batch runs through
 ``get_forward_backward_func()`` (which picks the pipeline schedule); the optimizer is
 :class:`~megatron_poet.training.optimizer.MegatronTrainingOptimizer`; checkpoints are
-:mod:`megatron_poet.training.checkpointing`'s.
+:class:`megatron_poet.checkpoint.DistFormat`'s (foreground or ``--async-save``).
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from megatron_poet.checkpoint import DistFormat
 from megatron_poet.megatron.optimizer_state import leaf_optimizers
 
-from ..checkpointing import load_checkpoint, save_checkpoint
 from ..optimizer import MegatronTrainingOptimizer
-from .base import BatchLoss, StepResult, TrainingEngine, TrainingState, forward_step, num_microbatches, reduce_loss
+from .base import BatchLoss, StepResult, TrainingEngine, forward_step, num_microbatches, reduce_loss
 
 
 def _wrap_ddp(args: argparse.Namespace, model: nn.Module, config) -> nn.Module:
@@ -55,6 +55,7 @@ class MegatronEngine(TrainingEngine):
         self.ddp_chunks = [_wrap_ddp(args, chunk, config) for chunk in model_chunks]
         self.optimizer = MegatronTrainingOptimizer(args, self.ddp_chunks)
         self.merge_scheduler = self._merge_scheduler()
+        self.checkpoint_format = DistFormat()
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.optimizer.scale_loss
         if args.overlap_grad_reduce:
@@ -105,12 +106,3 @@ class MegatronEngine(TrainingEngine):
 
     def torch_optimizers(self) -> list[torch.optim.Optimizer]:
         return [leaf.optimizer for leaf in leaf_optimizers(self.optimizer.optimizer)]
-
-    def save_checkpoint(self, state: TrainingState) -> str:
-        return save_checkpoint(self.args, state.iteration, state.consumed_samples, self.ddp_chunks, self.optimizer,
-                               self.merge_scheduler)
-
-    def load_checkpoint(self) -> TrainingState:
-        if not self.args.load:
-            return TrainingState()
-        return TrainingState(*load_checkpoint(self.args, self.ddp_chunks, self.optimizer, self.merge_scheduler))

@@ -39,14 +39,19 @@ def _sha256(file: str) -> str:
 
 
 def write_manifest(path: str) -> None:
-    """Record every file of the complete checkpoint directory ``path`` (collective over all ranks;
-    call after the barrier that follows the save; rank 0 writes the file atomically)."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    """Record every file of the complete checkpoint directory ``path`` (collective over all ranks when
+    torch.distributed is initialized: call after the barrier that follows the save; rank 0 writes the
+    file atomically; a single process, e.g. a conversion tool, does it all)."""
+    distributed = torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     files = _files(path)
     mine = {f: {"size": os.path.getsize(os.path.join(path, f)), "sha256": _sha256(os.path.join(path, f))}
             for f in files[rank::world]}
     parts = [None] * world
-    torch.distributed.all_gather_object(parts, mine)
+    if distributed:
+        torch.distributed.all_gather_object(parts, mine)
+    else:
+        parts = [mine]
     if rank == 0:
         entries = {name: entry for part in parts for name, entry in part.items()}
         tmp = os.path.join(path, f".{MANIFEST}.tmp")
@@ -55,7 +60,8 @@ def write_manifest(path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(path, MANIFEST))
-    torch.distributed.barrier()
+    if distributed:
+        torch.distributed.barrier()
 
 
 def problems(path: str, checksums: bool) -> list[str]:

@@ -1,0 +1,214 @@
+"""megatron-core ``dist_checkpointing``: the megatron engine's checkpoints, saved in the foreground or
+in the background, and read back safely by the resume and the exporter.
+
+A checkpoint holds the model (POET permutations and frozen weights included), the optimizer and
+LR schedule, the iteration, consumed samples, the merge scheduler, the model's arguments and every
+rank's RNG states. Resuming with the same layout restores all of it, so an interrupted run continues
+bitwise on CPU; at another TP/PP/DP layout (or other virtual stages) everything but the per-rank RNG
+states (dist_checkpointing reshards the tensors).
+
+``--async-save`` uses megatron-core's asynchronous saving: ``dist_checkpointing.save(...,
+async_sharded_save=True)`` stages the tensors and a forked process per rank writes them while
+training goes on (a fork sees the state as it was when the save began); :meth:`DistFormat.finish_saves`,
+called every iteration, completes saves once every rank's writer is done (megatron's finalization
+writes the tensor index, then :func:`.directory.commit` the manifest and the marker). A second save
+waits for the first; the run waits for an in-flight save before it exits.
+
+Files: ``metadata.json`` (JSON), ``common.pt`` (``torch.save``), ``.metadata`` (the tensor index,
+``pickle``) and ``*.distcp``. Everything is read inside
+:func:`megatron_poet.safe_loading.restricted_loading` after
+:func:`~megatron_poet.safe_loading.check_dist_checkpoint` examined the small files.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+
+import torch
+
+from megatron_poet.safe_loading import UnsafeFileError, check_dist_checkpoint, restricted_loading
+
+from .base import CheckpointFormat
+from .directory import CheckpointReadError, checkpoint_dir, commit, prepare, saved_by_this_run
+from .record import layout, recorded_args, rng_state, set_rng_state
+
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+
+
+def optimizer_sharding_type(args: argparse.Namespace) -> str:
+    """The distributed optimizer's checkpoint format (megatron's ``distrib_optim_sharding_type``).
+
+    megatron-core's default, ``fully_sharded_model_space``, relies on ``ShardedTensor.flattened_range``,
+    which 0.16.1 no longer accepts; like Megatron-LM we save ``dp_reshardable`` (parallel, reloads at
+    another DP size) or, with ``--dist-ckpt-optim-fully-reshardable``, ``fully_reshardable``.
+    """
+    return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+
+
+def _model_keys(model_chunks) -> list[str]:
+    """Megatron-LM's keys of the model chunks: ``model``, or ``model0``, ``model1``, ... with virtual
+    stages (the tensors inside are keyed by global layer numbers: any pipeline layout loads them)."""
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _sharded_state(args, model_chunks, optimizer, *, is_loading: bool, with_rng: bool, sharding_type: str) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    models = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
+    metadata = {"distrib_optim_sharding_type": sharding_type}
+    state = {**models, **optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=metadata)}
+    if with_rng:
+        sizes, ranks = layout()
+        state["rng_state"] = ShardedObject("rng_state", None if is_loading else rng_state(), sizes, ranks, replica_id=0)
+    return state
+
+
+def _read_error(path: str, err: Exception) -> CheckpointReadError:
+    if isinstance(err, CheckpointReadError):
+        return err
+    if isinstance(err, UnsafeFileError):
+        return CheckpointReadError(str(err))
+    return CheckpointReadError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}")
+
+
+def read_common_state(path: str) -> dict:
+    """The non-sharded state of checkpoint directory ``path`` (``common.pt``), read safely.
+
+    Raises :class:`~megatron_poet.safe_loading.UnsafeFileError` for a file that is not plain data.
+    """
+    from megatron.core import dist_checkpointing
+
+    check_dist_checkpoint(path)
+    with restricted_loading(f"checkpoint {path}"):
+        return dist_checkpointing.load_common_state_dict(path)
+
+
+def read_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Global shape of every sharded tensor in the checkpoint, by sharded key."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        with restricted_loading(f"checkpoint {path}"):
+            metadata = dist_checkpointing.load_tensors_metadata(path)
+    except Exception as err:
+        raise _read_error(path, err) from err
+    return {key: tuple(t.global_shape) for key, t in metadata.items() if hasattr(t, "global_shape")}
+
+
+class DistFormat(CheckpointFormat):
+    """megatron-core ``dist_checkpointing`` (see the module docstring)."""
+
+    name = "megatron dist_checkpointing"
+
+    def __init__(self):
+        self._background = None  # megatron's AsyncCallsQueue, made by the first --async-save
+        self._pending: list[str] = []  # directories being written in the background, oldest first
+
+    def owns(self, path: str) -> bool:
+        return os.path.isfile(os.path.join(path, "metadata.json"))
+
+    def save(self, engine, iteration: int, consumed_samples: int) -> str:
+        from megatron.core import dist_checkpointing
+
+        args = engine.args
+        path = checkpoint_dir(args.save, iteration)
+        if saved_by_this_run(path) or path in self._pending:
+            return path  # e.g. a signal right after a periodic save
+        self.finish_saves(blocking=True)  # one save at a time
+        prepare(args.save, path)
+        optimizer = engine.optimizer
+        with optimizer.saving():
+            sharding_type = optimizer_sharding_type(args)
+            state = _sharded_state(args, engine.ddp_chunks, optimizer, is_loading=False, with_rng=True,
+                                   sharding_type=sharding_type)
+            merges = engine.merge_scheduler
+            state.update(optimizer_sharding_type=sharding_type, iteration=iteration, consumed_samples=consumed_samples,
+                         merge_scheduler=merges.state_dict() if merges else None, args=recorded_args(args),
+                         layout=layout()[0])
+            finish = functools.partial(commit, args.save, path, iteration, args.keep_last_checkpoints)
+            if not args.async_save:
+                dist_checkpointing.save(state, path)
+                torch.distributed.barrier()  # every rank has written its part
+                finish()
+                return path
+            request = dist_checkpointing.save(state, path, async_sharded_save=True)
+            request.add_finalize_fn(finish)
+            if self._background is None:
+                from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+                self._background = AsyncCallsQueue(persistent=False)
+            # Scheduling stages the tensors and forks the writer: inside this block, so that it sees
+            # the state as saving() presents it (the shared Adam step).
+            self._background.schedule_async_request(request)
+        self._pending.append(path)
+        return path
+
+    def finish_saves(self, blocking: bool) -> list[str]:
+        if not self._pending:
+            return []
+        done = len(self._background.maybe_finalize_async_calls(blocking=blocking))
+        finished, self._pending = self._pending[:done], self._pending[done:]
+        return finished
+
+    def load(self, engine, path: str) -> tuple[int, int]:
+        from megatron.core import dist_checkpointing
+
+        args, optimizer, merges = engine.args, engine.optimizer, engine.merge_scheduler
+        common = read_common_state(path)
+        same_layout = tuple(common["layout"]) == layout()[0]
+        template = _sharded_state(args, engine.ddp_chunks, optimizer, is_loading=True, with_rng=same_layout,
+                                  sharding_type=common["optimizer_sharding_type"])
+        with restricted_loading(f"checkpoint {path}"):
+            state = dist_checkpointing.load(template, path)
+        for key, chunk in zip(_model_keys(engine.ddp_chunks), engine.ddp_chunks):
+            _unwrap(chunk).load_state_dict(state[key])
+        if merges is not None:
+            merges.load_state_dict(state["merge_scheduler"])
+        optimizer.load_state_dict(state, merges.steps_since_merge if merges else 0)
+        if same_layout:
+            set_rng_state(state["rng_state"])
+        return int(state["iteration"]), int(state["consumed_samples"])
+
+    def read_args(self, path: str) -> dict:
+        try:
+            return read_common_state(path).get("args")
+        except Exception as err:  # any failure here means an unreadable checkpoint
+            raise _read_error(path, err) from err
+
+    def padded_vocab_size(self, path: str) -> int:
+        shapes = read_tensor_shapes(path)
+        if EMBEDDING_KEY not in shapes:
+            raise CheckpointReadError(f"{path} has no {EMBEDDING_KEY}; cannot determine the vocabulary")
+        return shapes[EMBEDDING_KEY][0]
+
+    def load_model_weights(self, model: torch.nn.Module, path: str) -> None:
+        """Only the model's own sharded tensors are requested, so the optimizer state is never read.
+        Raises :class:`CheckpointReadError` when the checkpoint lacks tensors the model needs (e.g. a
+        ``--no-poet`` checkpoint read into a POET model)."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+        sharded = {"model": model.sharded_state_dict()}
+        try:
+            with restricted_loading(f"checkpoint {path}"):
+                available = load_sharded_metadata(path)
+        except Exception as err:
+            raise _read_error(path, err) from err
+        # Checked here rather than left to megatron, whose errors for a mismatch are obscure.
+        requested = {v.key for v in nested_values(sharded) if hasattr(v, "key")}
+        missing = sorted(requested - {v.key for v in available.values()})
+        if missing:
+            raise CheckpointReadError(f"checkpoint {path} lacks tensors of the model built from its own arguments: "
+                                      f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        try:
+            with restricted_loading(f"checkpoint {path}"):
+                state = dist_checkpointing.load(sharded, path)
+        except Exception as err:
+            raise _read_error(path, err) from err
+        model.load_state_dict(state["model"])

@@ -1,0 +1,75 @@
+"""What every checkpoint records besides tensors: the model's arguments, the layout, the RNG states."""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import numpy as np
+import torch
+
+# Arguments that define the model's function: a --load checkpoint must agree on all of them.
+SHAPE_ARGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "model_style", "max_position_embeddings", "rotary_base", "poet", "poet_block_size",
+    "poet_variant", "poet_neumann_terms", "vocab_size_unpadded", "poet_permutation_groups",
+)
+# Recorded too, for tools reading the checkpoint (export to Hugging Face ships the tokenizer).
+RECORDED_ARGS = ("tokenizer_type", "tokenizer_model")
+
+
+def shape_args(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in SHAPE_ARGS}
+
+
+def recorded_args(args: argparse.Namespace) -> dict:
+    """Plain values saved as a checkpoint's ``args``: :data:`SHAPE_ARGS`, :data:`RECORDED_ARGS` and
+    ``padded_vocab_size`` (set on ``args`` by the training program)."""
+    recorded = shape_args(args)
+    recorded.update({name: getattr(args, name) for name in RECORDED_ARGS})
+    recorded["padded_vocab_size"] = args.padded_vocab_size
+    if recorded["tokenizer_model"]:
+        recorded["tokenizer_model"] = os.path.abspath(recorded["tokenizer_model"])
+    return recorded
+
+
+def layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """``((pp, tp, dp) sizes, (pp, tp, dp) ranks)`` of this process."""
+    from megatron.core import parallel_state as ps
+
+    sizes = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    ranks = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_data_parallel_rank())
+    return sizes, ranks
+
+
+def rng_state(plain: bool = False) -> dict:
+    """This rank's RNG states (Python, numpy, torch, CUDA, megatron's tracker); with ``plain``, numpy's
+    as plain numbers (loadable with ``weights_only=True``)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if plain:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = (name, keys.tolist(), pos, has_gauss, cached)
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (either form)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    random.setstate(state["random"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
