@@ -82,19 +82,30 @@ def prepare(root: str, path: str) -> None:
     torch.distributed.barrier()
 
 
-def commit(root: str, path: str, iteration: int, keep_last: int | None = None) -> None:
-    """Finish a save whose files are all written (all ranks call): the manifest, then the marker, then
-    ``keep_last`` (``--keep-last-checkpoints``: older checkpoints go once this one verifies)."""
-    write_manifest(path)
+def remember_saved(path: str) -> None:
+    """Record that this process completed the save of checkpoint directory ``path``."""
     _COMMITTED.add(os.path.abspath(path))
-    if torch.distributed.get_rank() == 0:
+
+
+def commit(root: str, path: str, iteration: int, keep_last: int | None = None, collective: bool = True) -> None:
+    """Finish a save whose files are all written: the manifest, then the marker, then ``keep_last``
+    (``--keep-last-checkpoints``: older checkpoints go once this one verifies).
+
+    ``collective``: all ranks call (they share the manifest's reading; rank 0 moves the marker). Else
+    rank 0 alone does everything (the background committer of :mod:`.background`).
+    """
+    write_manifest(path, collective)
+    if collective:
+        remember_saved(path)
+    if not collective or torch.distributed.get_rank() == 0:
         write_marker(root, iteration)
         if keep_last:
             deleted = prune_old_checkpoints(root, iteration, keep_last, checksums=False)
             if deleted:
                 print(f" deleted checkpoints of iterations {', '.join(map(str, sorted(deleted)))} "
                       f"(--keep-last-checkpoints {keep_last})", flush=True)
-    torch.distributed.barrier()
+    if collective:
+        torch.distributed.barrier()
 
 
 def resolve(load: str, iteration: int | None, is_checkpoint) -> tuple[str, int | None]:

@@ -7,12 +7,11 @@ rank's RNG states. Resuming with the same layout restores all of it, so an inter
 bitwise on CPU; at another TP/PP/DP layout (or other virtual stages) everything but the per-rank RNG
 states (dist_checkpointing reshards the tensors).
 
-``--async-save`` uses megatron-core's asynchronous saving: ``dist_checkpointing.save(...,
-async_sharded_save=True)`` stages the tensors and a forked process per rank writes them while
-training goes on (a fork sees the state as it was when the save began); :meth:`DistFormat.finish_saves`,
-called every iteration, completes saves once every rank's writer is done (megatron's finalization
-writes the tensor index, then :func:`.directory.commit` the manifest and the marker). A second save
-waits for the first; the run waits for an in-flight save before it exits.
+``--async-save`` uses megatron-core's asynchronous saving (:mod:`.background`): a forked process per
+rank writes the tensors while training goes on (a fork sees the state as it was when the save
+began); :meth:`DistFormat.finish_saves`, called every iteration, completes saves once every rank's
+writer is done and rank 0 has read the files back for the manifest and moved the marker. A second
+save waits for the first; the run waits for an in-flight save before it exits.
 
 Files: ``metadata.json`` (JSON), ``common.pt`` (``torch.save``), ``.metadata`` (the tensor index,
 ``pickle``) and ``*.distcp``. Everything is read inside
@@ -29,8 +28,9 @@ import torch
 
 from megatron_poet.safe_loading import UnsafeFileError, check_dist_checkpoint, restricted_loading
 
+from .background import BackgroundSaves
 from .base import CheckpointFormat
-from .directory import CheckpointReadError, checkpoint_dir, commit, prepare, saved_by_this_run
+from .directory import CheckpointReadError, checkpoint_dir, commit, prepare, remember_saved, saved_by_this_run
 from .record import layout, recorded_args, rng_state, set_rng_state
 
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
@@ -106,8 +106,7 @@ class DistFormat(CheckpointFormat):
     name = "megatron dist_checkpointing"
 
     def __init__(self):
-        self._background = None  # megatron's AsyncCallsQueue, made by the first --async-save
-        self._pending: list[str] = []  # directories being written in the background, oldest first
+        self._background = BackgroundSaves()
 
     def owns(self, path: str) -> bool:
         return os.path.isfile(os.path.join(path, "metadata.json"))
@@ -117,7 +116,7 @@ class DistFormat(CheckpointFormat):
 
         args = engine.args
         path = checkpoint_dir(args.save, iteration)
-        if saved_by_this_run(path) or path in self._pending:
+        if saved_by_this_run(path) or self._background.pending(path):
             return path  # e.g. a signal right after a periodic save
         self.finish_saves(blocking=True)  # one save at a time
         prepare(args.save, path)
@@ -136,24 +135,17 @@ class DistFormat(CheckpointFormat):
                 torch.distributed.barrier()  # every rank has written its part
                 finish()
                 return path
-            request = dist_checkpointing.save(state, path, async_sharded_save=True)
-            request.add_finalize_fn(finish)
-            if self._background is None:
-                from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-                self._background = AsyncCallsQueue(persistent=False)
-            # Scheduling stages the tensors and forks the writer: inside this block, so that it sees
-            # the state as saving() presents it (the shared Adam step).
-            self._background.schedule_async_request(request)
-        self._pending.append(path)
+            # Scheduled inside this block: the writer is forked now and sees the state as saving()
+            # presents it (the shared Adam step).
+            self._background.schedule(dist_checkpointing.save(state, path, async_sharded_save=True), path,
+                                      functools.partial(finish, collective=False))
         return path
 
     def finish_saves(self, blocking: bool) -> list[str]:
-        if not self._pending:
-            return []
-        done = len(self._background.maybe_finalize_async_calls(blocking=blocking))
-        finished, self._pending = self._pending[:done], self._pending[done:]
-        return finished
+        done = self._background.finish(blocking)
+        for path in done:
+            remember_saved(path)
+        return done
 
     def load(self, engine, path: str) -> tuple[int, int]:
         from megatron.core import dist_checkpointing

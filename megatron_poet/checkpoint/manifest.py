@@ -38,11 +38,14 @@ def _sha256(file: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_manifest(path: str) -> None:
-    """Record every file of the complete checkpoint directory ``path`` (collective over all ranks when
-    torch.distributed is initialized: call after the barrier that follows the save; rank 0 writes the
-    file atomically; a single process, e.g. a conversion tool, does it all)."""
-    distributed = torch.distributed.is_initialized()
+def write_manifest(path: str, collective: bool | None = None) -> None:
+    """Record every file of the complete checkpoint directory ``path``.
+
+    ``collective`` (default: whether torch.distributed is initialized): all ranks call, after the
+    barrier that follows the save, and share the reading; rank 0 writes the file atomically. Else this
+    process alone does it all (a background committer, a conversion tool).
+    """
+    distributed = torch.distributed.is_initialized() if collective is None else collective
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     files = _files(path)
     mine = {f: {"size": os.path.getsize(os.path.join(path, f)), "sha256": _sha256(os.path.join(path, f))}

@@ -13,6 +13,9 @@ SHAPE_ARGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "model_style", "max_position_embeddings", "rotary_base", "poet", "poet_block_size",
     "poet_variant", "poet_neumann_terms", "vocab_size_unpadded", "poet_permutation_groups",
+    # megatron_poet.training.architecture.FLAGS (checkpoints written before them hold the defaults)
+    "norm_epsilon", "untie_embeddings_and_output_weights", "use_rope_scaling", "rope_scaling_factor",
+    "rotary_seq_len_interpolation_factor", "openai_gelu",
 )
 # Recorded too, for tools reading the checkpoint (export to Hugging Face ships the tokenizer).
 RECORDED_ARGS = ("tokenizer_type", "tokenizer_model")

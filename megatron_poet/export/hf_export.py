@@ -134,8 +134,8 @@ def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = N
         check_exportable(model, state, torch_dtype)
     state = {k: v.to(torch_dtype) for k, v in state.items()}
     os.makedirs(out_dir, exist_ok=True)
-    # transformers < 5 reads the rotary base from a top-level rope_theta.
-    extra = {"rope_theta": spec.rope_theta} if spec.rope_theta is not None else None
+    # transformers < 5 reads the rotary base and scaling from top-level rope_theta / rope_scaling.
+    extra = {"rope_theta": spec.rope_theta, "rope_scaling": spec.rope_scaling} if spec.rope_theta is not None else None
     write_config(out_dir, config, torch_dtype, extra)
     write_generation_config(out_dir, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                             pad_token_id=config.pad_token_id)

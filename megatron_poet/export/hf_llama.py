@@ -16,7 +16,7 @@ from .spec import ExportSpec
 
 def llama_config(spec: ExportSpec, *, bos_token_id: int | None, eos_token_id: int | None,
                  pad_token_id: int | None = None):
-    """A ``transformers.LlamaConfig`` for ``spec`` (true vocabulary size, GQA, rope_theta, tying)."""
+    """A ``transformers.LlamaConfig`` for ``spec`` (true vocabulary size, GQA, rope_theta and scaling, tying)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -32,6 +32,7 @@ def llama_config(spec: ExportSpec, *, bos_token_id: int | None, eos_token_id: in
         max_position_embeddings=spec.max_position_embeddings,
         rms_norm_eps=spec.norm_eps,
         rope_theta=spec.rope_theta,
+        rope_scaling=spec.rope_scaling,
         tie_word_embeddings=spec.tie_word_embeddings,
         # Megatron's add_qkv_bias biases only Q/K/V; Llama's attention_bias also biases o_proj,
         # which then gets zeros (same function).

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.nn.functional as F
+from megatron.core.transformer.utils import openai_gelu
 
 ARCHITECTURES = ("llama", "gpt2")
 
@@ -35,6 +36,8 @@ class ExportSpec:
         max_position_embeddings: megatron's ``max_sequence_length``.
         norm_eps: ``layernorm_epsilon``.
         rope_theta: rotary base (llama only).
+        rope_scaling: Hugging Face's ``rope_scaling`` (``{"rope_type": "llama3" | "linear", "factor": ...}``),
+            ``None`` for none (llama only).
         tie_word_embeddings: megatron's ``share_embeddings_and_output_weights``.
         linear_bias: megatron's ``add_bias_linear`` (bias on every linear layer).
         qkv_bias: bias on ``linear_qkv`` (``add_bias_linear or add_qkv_bias``).
@@ -60,6 +63,7 @@ class ExportSpec:
     activation: str
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    rope_scaling: dict | None = None
 
     @classmethod
     def from_gpt_model(cls, model, vocab_size: int | None = None) -> "ExportSpec":
@@ -101,20 +105,18 @@ class ExportSpec:
             require(act is F.silu, f"SwiGLU needs activation_func=F.silu, got {getattr(act, '__name__', act)}")
             require(float(model.rotary_percent) == 1.0,
                     f"rotary_percent={model.rotary_percent} (LlamaForCausalLM rotates the whole head)")
-            require(not getattr(model, "rotary_scaling", False), "rope_scaling")
-            rotary = getattr(model, "rotary_pos_emb", None)
-            require(getattr(rotary, "seq_len_interpolation_factor", None) is None,
-                    "seq_len_interpolation_factor")
+            rope_scaling = _rope_scaling(model)
             require(not getattr(c, "rotary_interleaved", False),
                     "rotary_interleaved (Hugging Face rotates halves, not interleaved pairs)")
             activation = "silu"
             rope_theta = float(model.rotary_base)
         elif c.normalization == "LayerNorm" and not gated and position == "learned_absolute":
             architecture = "gpt2"
-            names = {F.gelu: "gelu"}
-            require(act in names, f"GPT-2 export needs activation_func=F.gelu, got {getattr(act, '__name__', act)}")
+            names = {F.gelu: "gelu", openai_gelu: "gelu_new"}
+            require(act in names, f"GPT-2 export needs activation_func=F.gelu or megatron's openai_gelu, got "
+                                  f"{getattr(act, '__name__', act)}")
             activation = names.get(act, "")
-            rope_theta = None
+            rope_theta = rope_scaling = None
             require(c.num_query_groups in (None, c.num_attention_heads),
                     "grouped-query attention (GPT2LMHeadModel has no key/value groups)")
             require(c.kv_channels * c.num_attention_heads == c.hidden_size,
@@ -150,6 +152,7 @@ class ExportSpec:
             max_position_embeddings=int(model.max_sequence_length),
             norm_eps=float(c.layernorm_epsilon),
             rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             tie_word_embeddings=bool(model.share_embeddings_and_output_weights),
             linear_bias=bool(c.add_bias_linear),
             qkv_bias=bool(c.add_bias_linear or getattr(c, "add_qkv_bias", False)),
@@ -157,3 +160,19 @@ class ExportSpec:
             hidden_dropout=float(c.hidden_dropout),
             attention_dropout=float(c.attention_dropout),
         )
+
+
+# megatron-core's Llama-3.1 RoPE scaling keeps these fixed (RotaryEmbedding._apply_scaling's defaults).
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_scaling(model) -> dict | None:
+    """Hugging Face's ``rope_scaling`` of a megatron ``GPTModel``'s rotary embedding (``None``: none)."""
+    if getattr(model, "rotary_scaling", False):
+        factor = getattr(model, "rope_scaling_factor", None)
+        if factor is None:
+            raise UnsupportedModelError("rope_scaling without a recorded rope_scaling_factor (build the model with "
+                                        "megatron_poet.megatron.model.build_llama_model)")
+        return {"rope_type": "llama3", "factor": float(factor), **LLAMA3_ROPE_FIXED}
+    factor = getattr(getattr(model, "rotary_pos_emb", None), "seq_len_interpolation_factor", None)
+    return None if factor is None else {"rope_type": "linear", "factor": float(factor)}

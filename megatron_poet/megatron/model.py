@@ -134,10 +134,11 @@ def _build(
 
 def build_llama_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
-    seed: int = 1234, backend: str = "auto", rotary_base: int = 10000, vp_stage: int | None = None,
-    unpadded_vocab_size: int | None = None,
+    seed: int = 1234, backend: str = "auto", rotary_base: float = 10000, vp_stage: int | None = None,
+    unpadded_vocab_size: int | None = None, tie_embeddings: bool = False, rope_scaling_factor: float | None = None,
+    seq_len_interpolation_factor: float | None = None,
 ) -> GPTModel:
-    """Llama-style GPTModel (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings, no biases).
+    """Llama-style GPTModel (RMSNorm, SwiGLU, RoPE, GQA, no biases; untied embeddings unless ``tie_embeddings``).
 
     Args:
         config: from :func:`llama_config` (checked for the Llama-style fields).
@@ -150,23 +151,32 @@ def build_llama_model(
             TP/PP/virtual-PP/DP layout (:mod:`.layout_free_init`).
         backend: "auto", "local" or "te" (see :mod:`.spec`).
         vp_stage: this chunk's virtual pipeline stage (``None`` without virtual pipelining).
+        rope_scaling_factor: Llama-3.1 RoPE frequency scaling with this factor (megatron-core's
+            ``rope_scaling``); ``None``: none. Kept on the model as ``rope_scaling_factor`` (megatron
+            does not keep it) for the export.
+        seq_len_interpolation_factor: linear RoPE position interpolation (``None``: none).
     """
     expected = dict(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False)
     wrong = [f"{k}={getattr(config, k)!r} (expected {v!r})" for k, v in expected.items() if getattr(config, k) != v]
     if wrong:
         raise ValueError("build_llama_model needs a Llama-style config (use llama_config): " + ", ".join(wrong))
-    return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
-                  position_embedding_type="rope", rotary_base=rotary_base,
-                  share_embeddings_and_output_weights=False)
+    model = _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
+                   position_embedding_type="rope", rotary_base=rotary_base,
+                   share_embeddings_and_output_weights=tie_embeddings,
+                   rope_scaling=rope_scaling_factor is not None, rope_scaling_factor=rope_scaling_factor or 8.0,
+                   seq_len_interpolation_factor=seq_len_interpolation_factor)
+    model.rope_scaling_factor = rope_scaling_factor
+    return model
 
 
 def build_gpt2_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
     seed: int = 1234, backend: str = "auto", vp_stage: int | None = None, unpadded_vocab_size: int | None = None,
+    tie_embeddings: bool = True,
 ) -> GPTModel:
-    """GPT-2-style GPTModel (LayerNorm, GELU, biases, learned positions, tied embeddings); arguments
-    as :func:`build_llama_model`."""
+    """GPT-2-style GPTModel (LayerNorm, GELU, biases, learned positions; tied embeddings unless not
+    ``tie_embeddings``); arguments as :func:`build_llama_model`."""
     if config.normalization != "LayerNorm" or config.gated_linear_unit:
         raise ValueError("build_gpt2_model needs a GPT-2-style config (use gpt2_config)")
     return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
-                  position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
+                  position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tie_embeddings)

@@ -15,7 +15,7 @@ from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
 from megatron_poet.poet.cayley import MAX_ORTHOGONALITY_ERROR, ORTHOGONALITY_WARNING
 from megatron_poet.poet.init import INIT_SCHEMES
 
-from . import fp8, metrics, profiling
+from . import architecture, fp8, metrics, profiling
 from .engine import deepspeed_config
 from .flag_help import document
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-style", choices=("llama", "gpt2"), default="llama",
                    help="llama: RMSNorm, SwiGLU, RoPE, no biases, untied embeddings; "
                         "gpt2: LayerNorm, GELU, biases, learned positions, tied embeddings")
-    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-base", type=float, default=10000)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model chunks (virtual stages)")
     g.add_argument("--sequence-parallel", action="store_true")
 
+    architecture.add_arguments(p)
     deepspeed_config.add_arguments(p)
     fp8.add_arguments(p)
     profiling.add_arguments(p)
@@ -199,6 +200,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     if not args.kv_channels_given and args.num_attention_heads > 0:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    architecture.fill_defaults(args)
     args.deepspeed = args.deepspeed or args.zero_stage is not None
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     per_chunk, pp = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size
@@ -359,6 +361,7 @@ def validate_args(args: argparse.Namespace) -> None:
          f"--seq-length {args.seq_length} > --max-position-embeddings {args.max_position_embeddings}: the "
          f"gpt2 style's learned position table has no row for the later positions; raise "
          f"--max-position-embeddings or lower --seq-length")
+    errors += architecture.argument_errors(args)
     errors += deepspeed_config.deepspeed_arg_errors(args)
     errors += profiling.argument_errors(args)
     errors += metrics.argument_errors(args)

@@ -139,7 +139,10 @@ class TrainingLogger:
         """
         start = time.time()
         yield
-        seconds = time.time() - start
+        self.record_time(phase, name, time.time() - start)
+
+    def record_time(self, phase: str, name: str, seconds: float) -> None:
+        """What :meth:`timed` does with a time measured elsewhere (collective)."""
         self._window_start += seconds
         self.phase_seconds[phase] += seconds
         spread = torch.tensor([-seconds, seconds], dtype=torch.float64, device=_device())

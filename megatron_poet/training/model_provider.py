@@ -2,8 +2,9 @@
 
 Delegates to :mod:`megatron_poet.megatron.model`: ``--model-style llama``
 (RMSNorm, SwiGLU, RoPE, GQA, no biases, untied embeddings) or ``gpt2``
-(LayerNorm, GELU, biases, learned positions, tied embeddings); ``--no-poet``
-keeps Megatron's own linears (the AdamW baseline).
+(LayerNorm, GELU, biases, learned positions, tied embeddings), with the
+architecture flags of :mod:`.architecture`; ``--no-poet`` keeps Megatron's own
+linears (the AdamW baseline).
 """
 from __future__ import annotations
 
@@ -32,10 +33,15 @@ def transformer_config(args: argparse.Namespace):
         # Fusions need Apex/TE kernels; off so the same config runs on any device.
         bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        layernorm_epsilon=args.norm_epsilon,
         **transformer_fp8_fields(args),
     )
     if args.model_style == "llama":
         return llama_config(args.num_layers, args.hidden_size, args.num_attention_heads, **common)
+    if args.openai_gelu:
+        from megatron.core.transformer.utils import openai_gelu
+
+        common["activation_func"] = openai_gelu
     return gpt2_config(args.num_layers, args.hidden_size, args.num_attention_heads, **common)
 
 
@@ -61,10 +67,13 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
 
     config = config or transformer_config(args)
     # The real vocabulary: its padding is zero and masked, so it never changes the model.
-    common = dict(seed=args.seed, vp_stage=vp_stage, unpadded_vocab_size=getattr(args, "vocab_size_unpadded", None))
+    common = dict(seed=args.seed, vp_stage=vp_stage, unpadded_vocab_size=getattr(args, "vocab_size_unpadded", None),
+                  tie_embeddings=not args.untie_embeddings_and_output_weights)
     if args.model_style == "llama":
         model = build_llama_model(config, poet_config(args), vocab_size, args.max_position_embeddings,
-                                  rotary_base=args.rotary_base, **common)
+                                  rotary_base=args.rotary_base,
+                                  rope_scaling_factor=args.rope_scaling_factor if args.use_rope_scaling else None,
+                                  seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor, **common)
     else:
         model = build_gpt2_model(config, poet_config(args), vocab_size, args.max_position_embeddings, **common)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -5,6 +5,7 @@ saving in :mod:`.finite`."""
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Iterator
 
 import torch
@@ -97,7 +98,11 @@ def train(
                     orth_max = 0.0
 
             instruments.end(state.iteration)
-            _report_saves(logger, engine.finish_saves())
+            started = time.time()
+            finished = engine.finish_saves()
+            if finished:  # (the same on every rank) finalizing is time the loop was blocked
+                logger.record_time("checkpointing", "finalize-background-save", time.time() - started)
+            _report_saves(logger, finished)
             last = state.iteration == args.train_iters
             if make_valid_iterator and args.eval_iters and (state.iteration % args.eval_interval == 0 or last):
                 instruments.before_eval()
