@@ -21,6 +21,7 @@ setup(
         "psutil",  # megatron dist_checkpointing needs it (undeclared); without it a save hangs
         "tokenizers",
         "safetensors",
+        "huggingface_hub",  # shard planning of the export (transformers depends on it too)
         "transformers",
         "tensorboard",
         "tqdm",

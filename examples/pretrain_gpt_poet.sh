@@ -21,6 +21,10 @@ exec "$(command -v python || command -v python3)" "$0" "$@"
 #   DATA_PATH        megatron data prefix(es) (.bin/.idx); unset = the built-in corpus (generated, cached)
 #   TOKENIZER        tokenizer.json or directory the data was preprocessed with (needed with DATA_PATH)
 #   CHECKPOINT_PATH  save and resume directory (created by the first save; unset = no checkpoints)
+#   HF_MODEL         continue pretraining this Hugging Face model (Llama-family or GPT-2 directory): it is
+#                    imported once into CHECKPOINT_PATH/hf_import (with the POET flags below) and the run
+#                    starts from it (--finetune --use-checkpoint-args: its shape and tokenizer); needs
+#                    DATA_PATH preprocessed with its tokenizer, and CHECKPOINT_PATH
 #   TENSORBOARD_DIR  TensorBoard log directory (unset = none)
 # Ctrl-C or SIGTERM: every rank finishes its iteration, saves (with CHECKPOINT_PATH) and stops.
 import os

@@ -260,7 +260,13 @@ def environment_flags(env=None, data: str = "optional", checkpoint: str | None =
     data_path = env.get("DATA_PATH", "").split()  # "PREFIX" or "W1 PREFIX1 W2 PREFIX2 ..."
     if data == "required" and not data_path:
         raise LaunchError("set DATA_PATH to the preprocessed data prefix (tools/preprocess_data.py --output-prefix)")
+    if env.get("HF_MODEL") and not data_path:
+        raise LaunchError(f"HF_MODEL needs DATA_PATH: data preprocessed with the model's tokenizer (python "
+                          f"tools/preprocess_data.py --input corpus.txt --output-prefix data/corpus --tokenizer "
+                          f"{env['HF_MODEL']} --append-eod)")
     if data_path:
+        if env.get("HF_MODEL") and not env.get("TOKENIZER"):
+            env = dict(env, TOKENIZER=env["HF_MODEL"])
         if not env.get("TOKENIZER"):
             raise LaunchError("set TOKENIZER to the tokenizer DATA_PATH was preprocessed with "
                               "(a tokenizer.json or its directory)")
@@ -270,6 +276,13 @@ def environment_flags(env=None, data: str = "optional", checkpoint: str | None =
         raise LaunchError("set CHECKPOINT_PATH to a checkpoint directory (on a filesystem all nodes share)")
     if ckpt:
         flags += ["--save", ckpt, "--load", ckpt]
+    if env.get("HF_MODEL"):
+        if not ckpt:
+            raise LaunchError("HF_MODEL needs CHECKPOINT_PATH: the run's checkpoints (the imported model goes to "
+                              "CHECKPOINT_PATH/hf_import)")
+        flags.append("--use-checkpoint-args")  # the imported model's shape, also when the run resumes
+        if not os.path.isfile(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
+            flags += ["--load", os.path.join(ckpt, HF_IMPORT_DIR), "--finetune"]
     board = env.get("TENSORBOARD_DIR") or (os.path.join(ckpt, "tensorboard") if tensorboard and ckpt else None)
     if board:
         flags += ["--tensorboard-dir", board]
@@ -289,6 +302,11 @@ def run_script(script: str, flags: list[str], argv: list[str], *, gpus_per_node:
 
     wants_help = "-h" in argv or "--help" in argv
     run_here = wants_help or "LOCAL_RANK" in os.environ
+    if os.environ.get("HF_MODEL") and os.environ.get("CHECKPOINT_PATH") and not run_here:
+        # Before the rendezvous port is chosen: the conversion runs a process group of its own.
+        status = import_hf_model(os.environ["HF_MODEL"], os.environ["CHECKPOINT_PATH"], flags + argv)
+        if status:
+            return status
     try:
         try:
             defaults = flags + environment_flags(**env_options)
@@ -308,6 +326,41 @@ def run_script(script: str, flags: list[str], argv: list[str], *, gpus_per_node:
 
         return main(defaults + argv)
     return launch(defaults + argv, topology)
+
+
+HF_IMPORT_DIR = "hf_import"
+# The program's flags that shape an imported model's checkpoint (its model flags come from config.json).
+_IMPORT_FLAGS = ("poet", "poet_block_size", "poet_variant", "poet_neumann_terms", "poet_permutation_groups",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "make_vocab_size_divisible_by")
+
+
+def import_hf_model(hf_dir: str, checkpoint_path: str, argv: list[str]) -> int:
+    """``HF_MODEL=DIR``: convert it into ``CHECKPOINT_PATH/hf_import`` once (tools/convert_from_hf.py), with
+    the POET and layout flags of ``argv``; the run then starts from it with ``--finetune``. Returns an
+    exit status (0: ready)."""
+    target = os.path.join(checkpoint_path, HF_IMPORT_DIR)
+    if os.path.exists(target) or os.path.isfile(os.path.join(checkpoint_path, "latest_checkpointed_iteration.txt")):
+        return 0
+    from megatron_poet.hf_import import HFImportError, convert_hf_model
+    from megatron_poet.training.arguments import build_parser
+
+    given = vars(build_parser().parse_known_args(argv)[0])
+    flags = []
+    for name in _IMPORT_FLAGS:
+        flag, value = "--" + name.replace("_", "-"), given[name]
+        if name == "poet_neumann_terms":
+            flags += [flag, "exact" if value is None else str(value)]
+        elif isinstance(value, bool):
+            flags.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif value is not None:
+            flags += [flag, str(value)]
+    print(f"launcher: importing the Hugging Face model {hf_dir} into {target}", flush=True)
+    try:
+        convert_hf_model(hf_dir, target, flags)
+    except HFImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return REPORTED_ERROR
+    return 0
 
 
 def main() -> int:

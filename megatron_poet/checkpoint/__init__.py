@@ -8,7 +8,7 @@ from .directory import (
 )
 from .dist_format import DistFormat
 from .manifest import iterations, verify_or_explain
-from .record import SHAPE_ARGS, recorded_args, shape_args
+from .record import SHAPE_ARGS, recorded_args, saved_shape_args, shape_args
 
 FORMATS: tuple[type[CheckpointFormat], ...] = (DistFormat, DeepSpeedFormat)
 
@@ -26,5 +26,5 @@ def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, in
 __all__ = [
     "CheckpointError", "CheckpointFormat", "CheckpointReadError", "DeepSpeedFormat", "DistFormat", "FORMATS",
     "MARKER", "SHAPE_ARGS", "checkpoint_dir", "format_of", "iterations", "latest_iteration", "recorded_args",
-    "resolve_checkpoint", "saved_by_this_run", "shape_args", "verify_or_explain", "write_marker",
+    "resolve_checkpoint", "saved_by_this_run", "saved_shape_args", "shape_args", "verify_or_explain", "write_marker",
 ]

@@ -40,6 +40,11 @@ class CheckpointFormat(abc.ABC):
     def load(self, engine, path: str) -> tuple[int, int]:
         """Restore ``engine`` from checkpoint ``path``; returns ``(iteration, consumed_samples)``."""
 
+    def model_only(self, path: str) -> bool:
+        """Whether ``path`` holds only model weights (an imported model): it can start a run with
+        ``--finetune``, not resume one."""
+        return False
+
     @abc.abstractmethod
     def read_args(self, path: str) -> dict:
         """The model arguments the checkpoint recorded (read as plain data only; ``None``: none recorded)."""

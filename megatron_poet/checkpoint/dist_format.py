@@ -166,11 +166,17 @@ class DistFormat(CheckpointFormat):
             set_rng_state(state["rng_state"])
         return int(state["iteration"]), int(state["consumed_samples"])
 
-    def read_args(self, path: str) -> dict:
+    def _common(self, path: str) -> dict:
         try:
-            return read_common_state(path).get("args")
+            return read_common_state(path)
         except Exception as err:  # any failure here means an unreadable checkpoint
             raise _read_error(path, err) from err
+
+    def read_args(self, path: str) -> dict:
+        return self._common(path).get("args")
+
+    def model_only(self, path: str) -> bool:
+        return bool(self._common(path).get("model_only", False))
 
     def padded_vocab_size(self, path: str) -> int:
         shapes = read_tensor_shapes(path)

@@ -17,12 +17,21 @@ SHAPE_ARGS = (
     "norm_epsilon", "untie_embeddings_and_output_weights", "use_rope_scaling", "rope_scaling_factor",
     "rotary_seq_len_interpolation_factor", "openai_gelu",
 )
-# Recorded too, for tools reading the checkpoint (export to Hugging Face ships the tokenizer).
-RECORDED_ARGS = ("tokenizer_type", "tokenizer_model")
+# Recorded too, for tools reading the checkpoint (the export ships the tokenizer and the dropout).
+RECORDED_ARGS = ("tokenizer_type", "tokenizer_model", "hidden_dropout", "attention_dropout")
 
 
 def shape_args(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in SHAPE_ARGS}
+
+
+def saved_shape_args(saved: dict) -> dict:
+    """A checkpoint's recorded :data:`SHAPE_ARGS`, with what checkpoints written before the architecture
+    flags existed were built with (their values then) where it records none."""
+    legacy = {"norm_epsilon": 1e-5, "untie_embeddings_and_output_weights": saved.get("model_style") == "llama",
+              "use_rope_scaling": False, "rope_scaling_factor": 8.0, "rotary_seq_len_interpolation_factor": None,
+              "openai_gelu": False}
+    return {name: saved.get(name, legacy.get(name)) for name in SHAPE_ARGS}
 
 
 def recorded_args(args: argparse.Namespace) -> dict:

@@ -58,3 +58,47 @@ def dense_state_dict(model: nn.Module, progress: Callable | None = None) -> dict
         state[f"{prefix}weight"] = poet_dense_weight(module)
     return {k: v.detach().to("cpu", torch.promote_types(v.dtype, torch.float32)) if v.is_floating_point()
             else v.detach().cpu() for k, v in state.items()}
+
+
+# Norm names of megatron's local layer spec -> where the Transformer-Engine spec fuses them.
+_FUSED_NORMS = {f".{norm}.{field}": f".{fused}.layer_norm_{field}"
+                for norm, fused in (("input_layernorm", "self_attention.linear_qkv"), ("pre_mlp_layernorm", "mlp.linear_fc1"))
+                for field in ("weight", "bias")}
+
+
+def _fused_name(name: str) -> str:
+    return next((name.replace(local, fused) for local, fused in _FUSED_NORMS.items() if name.endswith(local)), name)
+
+
+@torch.no_grad()
+def load_dense_state_dict(model: nn.Module, dense: dict[str, torch.Tensor]) -> None:
+    """The inverse of :func:`dense_state_dict`: make ``model`` (built at TP=1) compute ``dense``.
+
+    Every POET layer starts from its dense weight (``start_from``: ``A0`` = the weight, identity
+    factors); every other parameter is copied (local or TE-fused norm names). Raises ``ValueError``
+    naming entries of another shape, entries the model lacks, and parameters ``dense`` does not give.
+    """
+    dense = dict(dense)
+    problems = []
+    poet_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, POETModule)]
+    for name, module in poet_layers:
+        weight = dense.pop(f"{name}.weight", None)
+        if weight is None:
+            problems.append(f"no weight for POET layer {name}")
+        else:
+            module.start_from(weight.to(module.frozen_weight.device, torch.float32))
+    # A POET layer's factors are set by start_from; only its bias is a parameter of the dense layer too.
+    factors = tuple(f"{name}." for name, _ in poet_layers)
+    params = {n: p for n, p in model.named_parameters() if not n.startswith(factors) or n.endswith(".bias")}
+    for name, tensor in dense.items():
+        target = name if name in params else _fused_name(name)
+        if target not in params:
+            problems.append(f"{name}: the model has no such parameter")
+        elif tuple(params[target].shape) != tuple(tensor.shape):
+            problems.append(f"{name}: shape {tuple(tensor.shape)}, the model's {tuple(params[target].shape)}")
+        else:
+            params.pop(target).copy_(tensor)
+    problems += [f"{name}: not given" for name in params]
+    if problems:
+        raise ValueError("the dense state does not fit the model: " + "; ".join(problems[:8])
+                         + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from dataclasses import dataclass, field
 
-from ..checkpoint import SHAPE_ARGS, CheckpointReadError, format_of, resolve_checkpoint
+from ..checkpoint import SHAPE_ARGS, CheckpointReadError, format_of, resolve_checkpoint, saved_shape_args
 from ..poet.linear import POETModule
 from ..training.finite import describe, nonfinite_tensors
 from .hf_export import TokenizerInfo, export_gpt_model
@@ -65,6 +64,8 @@ def run_arguments(saved: dict) -> tuple[argparse.Namespace, dict]:
     if missing:
         raise CheckpointReadError(f"checkpoint arguments lack {missing}; it was not written by the training program")
     args = build_parser().parse_args([])
+    # Older checkpoints: the architecture they were built with, where they record none.
+    vars(args).update({k: v for k, v in saved_shape_args(saved).items() if k not in saved and v is not None})
     assumed = {k: getattr(args, k) for k in FUNCTION_ARGS if k not in saved and hasattr(args, k)}
     vars(args).update(saved)
     # One unsharded copy in this process, in fp32: folding P A0 R must not round to half precision.
@@ -96,12 +97,6 @@ def _tokenizer(args: argparse.Namespace, override: str | None) -> TokenizerInfo:
     return info
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _check_finite(model, path: str) -> None:
     found = nonfinite_tensors((*model.named_parameters(), *model.named_buffers()))
     if found:
@@ -131,9 +126,7 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
             (unless ``allow_non_finite``), missing tokenizer.
         UnsupportedModelError: a model option Hugging Face cannot reproduce.
     """
-    import torch
-
-    from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
+    from megatron_poet.megatron.cpu_backend import single_process
 
     path, iteration = resolve_checkpoint(load, iteration)
     checkpoint = format_of(path)
@@ -149,13 +142,7 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
     token_info = _tokenizer(args, tokenizer)
     padded_vocab = checkpoint.padded_vocab_size(path)
 
-    started = not torch.distributed.is_initialized()
-    if started:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(), RANK="0", WORLD_SIZE="1")
-        initialize_distributed(1, 1, seed=getattr(args, "seed", 1234))
-    elif torch.distributed.get_world_size() != 1:
-        raise RuntimeError("convert_checkpoint runs in a single process (world size 1)")
-    try:
+    with single_process(seed=getattr(args, "seed", 1234)):
         from megatron_poet.training.model_provider import build_model
 
         model = build_model(args, padded_vocab).eval()
@@ -165,7 +152,4 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
             _check_finite(model, path)
         spec = export_gpt_model(model, output, tokenizer=token_info, dtype=dtype,
                                 max_shard_size=max_shard_size, progress=progress, check=not allow_non_finite)
-    finally:
-        if started:
-            destroy_distributed()
     return ConversionResult(spec, path, iteration, poet_layers, assumed, token_info.path)

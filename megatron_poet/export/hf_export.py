@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 from .fold import dense_state_dict
@@ -18,22 +19,28 @@ class TokenizerInfo:
 
     Attributes:
         vocab_size: true vocabulary size (megatron's padding beyond it is trimmed).
-        eos_token_id, bos_token_id, pad_token_id: special ids for config / generation config.
+        eos_token_id, bos_token_id, pad_token_id: special ids for config / generation config
+            (``eos_token_id`` may be a list, as in Llama-3.1's config).
         path: tokenizer.json or tokenizer directory to copy; ``None`` (e.g. a
             NullTokenizer run) writes no tokenizer files.
         eos_token: end-of-document token string (for a bare tokenizer.json).
+        generation_config: a ``generation_config.json`` to ship as it is (an imported model's).
     """
 
     vocab_size: int
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     path: str | None = None
     eos_token: str | None = None
+    generation_config: str | None = None
 
     @classmethod
     def from_path(cls, path: str) -> "TokenizerInfo":
-        """Read a Hugging Face tokenizer (file or directory) the way the training program does."""
+        """Read a Hugging Face tokenizer (file or directory) the way the training program does.
+
+        A directory that also holds a model's ``config.json`` (an imported model's ``hf/``, see
+        :mod:`megatron_poet.hf_import`) gives the original's special ids and generation config."""
         from ..data.tokenizer import load_hf_tokenizer
 
         tok = load_hf_tokenizer(path)
@@ -48,8 +55,15 @@ class TokenizerInfo:
             pad = tok.pad
         except AttributeError:
             pad = None
-        return cls(vocab_size=tok.vocab_size, eos_token_id=tok.eod, bos_token_id=bos, pad_token_id=pad,
-                   path=path, eos_token=tok.eod_token)
+        ids = dict(eos_token_id=tok.eod, bos_token_id=bos, pad_token_id=pad)
+        model_config = os.path.join(path, "config.json")
+        if os.path.isdir(path) and os.path.isfile(model_config):
+            with open(model_config, encoding="utf-8") as f:
+                original = json.load(f)
+            ids = {key: original.get(key) for key in ids}
+        generation = os.path.join(path, "generation_config.json")
+        return cls(vocab_size=tok.vocab_size, **ids, path=path, eos_token=tok.eod_token,
+                   generation_config=generation if os.path.isfile(generation) else None)
 
 
 def _progress(enabled: bool, desc: str, unit: str):
@@ -137,8 +151,11 @@ def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = N
     # transformers < 5 reads the rotary base and scaling from top-level rope_theta / rope_scaling.
     extra = {"rope_theta": spec.rope_theta, "rope_scaling": spec.rope_scaling} if spec.rope_theta is not None else None
     write_config(out_dir, config, torch_dtype, extra)
-    write_generation_config(out_dir, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                            pad_token_id=config.pad_token_id)
+    if tokenizer is not None and tokenizer.generation_config:
+        shutil.copyfile(tokenizer.generation_config, os.path.join(out_dir, "generation_config.json"))
+    else:
+        write_generation_config(out_dir, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                pad_token_id=config.pad_token_id)
     write_safetensors(out_dir, state, max_shard_size, _progress(progress, "writing safetensors", "shard"))
     if tokenizer is not None and tokenizer.path is not None:
         copy_tokenizer(tokenizer.path, out_dir, tokenizer.eos_token)

@@ -1,4 +1,4 @@
-"""Megatron GPT-2-style ``GPTModel`` -> Hugging Face ``GPT2LMHeadModel``.
+"""Megatron GPT-2-style ``GPTModel`` <-> Hugging Face ``GPT2LMHeadModel`` (export and import).
 
 GPT-2 style = LayerNorm, non-gated GeLU MLP (exact erf GeLU, Hugging Face's
 ``"gelu"``), learned absolute positions, multi-head attention. Hugging Face's
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import MegatronState, split_qkv, trim_vocab
+from .layout import ConsumedState, MegatronState, merge_qkv, pad_vocab, split_qkv, trim_vocab
 from .spec import ExportSpec
 
 
@@ -85,4 +85,36 @@ def gpt2_state_dict(dense: dict[str, torch.Tensor], spec: ExportSpec) -> dict[st
     if not spec.tie_word_embeddings:
         out["lm_head.weight"] = trim_vocab(src.take("output_layer.weight"), spec)
     src.check_consumed()
+    return out
+
+
+def gpt2_from_hf(hf: ConsumedState, spec: ExportSpec) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`gpt2_state_dict`: a ``GPT2LMHeadModel`` state (``transformer.`` names) ->
+    dense megatron names at TP=1, Conv1D weights transposed, vocabulary padded with zero rows.
+
+    Takes every entry it maps from ``hf``; the caller reports what is left (unsupported parts).
+    """
+    h = spec.hidden_size
+    out = {"embedding.word_embeddings.weight": pad_vocab(hf.take("transformer.wte.weight"), spec),
+           "embedding.position_embeddings.weight": hf.take("transformer.wpe.weight")}
+    for i in range(spec.num_layers):
+        m, g = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        for megatron, hf_name in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
+            out[f"{m}{megatron}.weight"] = hf.take(f"{g}{hf_name}.weight")
+            out[f"{m}{megatron}.bias"] = hf.take(f"{g}{hf_name}.bias")
+        qkv_weight = hf.take(g + "attn.c_attn.weight").t()  # (3h, h): [Q; K; V]
+        out[m + "self_attention.linear_qkv.weight"] = merge_qkv(*qkv_weight.split(h, dim=0), spec)
+        out[m + "self_attention.linear_qkv.bias"] = merge_qkv(*hf.take(g + "attn.c_attn.bias").split(h), spec)
+        out[m + "self_attention.linear_proj.weight"] = hf.take(g + "attn.c_proj.weight").t()
+        out[m + "self_attention.linear_proj.bias"] = hf.take(g + "attn.c_proj.bias")
+        out[m + "mlp.linear_fc1.weight"] = hf.take(g + "mlp.c_fc.weight").t()
+        out[m + "mlp.linear_fc1.bias"] = hf.take(g + "mlp.c_fc.bias")
+        out[m + "mlp.linear_fc2.weight"] = hf.take(g + "mlp.c_proj.weight").t()
+        out[m + "mlp.linear_fc2.bias"] = hf.take(g + "mlp.c_proj.bias")
+    out["decoder.final_layernorm.weight"] = hf.take("transformer.ln_f.weight")
+    out["decoder.final_layernorm.bias"] = hf.take("transformer.ln_f.bias")
+    if spec.tie_word_embeddings:
+        hf.take("lm_head.weight", required=False)  # a tied copy, when a checkpoint stores it
+    else:
+        out["output_layer.weight"] = pad_vocab(hf.take("lm_head.weight"), spec)
     return out

@@ -1,4 +1,4 @@
-"""Megatron Llama-style ``GPTModel`` -> Hugging Face ``LlamaForCausalLM``.
+"""Megatron Llama-style ``GPTModel`` <-> Hugging Face ``LlamaForCausalLM`` (export and import).
 
 Why the two compute the same function (checked in ``tests/test_export_mapping.py``):
 RMSNorm is ``x * rsqrt(mean(x^2) + eps) * w`` in both; megatron's non-interleaved
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .layout import MegatronState, split_gated_fc1, split_qkv, trim_vocab
+from .layout import (
+    ConsumedState, MegatronState, merge_gated_fc1, merge_qkv, pad_vocab, split_gated_fc1, split_qkv, trim_vocab,
+)
 from .spec import ExportSpec
 
 
@@ -84,4 +86,32 @@ def llama_state_dict(dense: dict[str, torch.Tensor], spec: ExportSpec) -> dict[s
     if not spec.tie_word_embeddings:
         out["lm_head.weight"] = trim_vocab(src.take("output_layer.weight"), spec)
     src.check_consumed()
+    return out
+
+
+def llama_from_hf(hf: ConsumedState, spec: ExportSpec) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`llama_state_dict`: a ``LlamaForCausalLM`` state (bias-free) -> dense
+    megatron names at TP=1 (the local spec's norm names), vocabulary padded with zero rows.
+
+    Takes every entry it maps from ``hf``; the caller reports what is left (unsupported parts).
+    ``lm_head.weight`` is read only for untied embeddings.
+    """
+    embed = hf.take("model.embed_tokens.weight")
+    out = {"embedding.word_embeddings.weight": pad_vocab(embed, spec)}
+    for i in range(spec.num_layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out[m + "input_layernorm.weight"] = hf.take(h + "input_layernorm.weight")
+        out[m + "pre_mlp_layernorm.weight"] = hf.take(h + "post_attention_layernorm.weight")
+        out[m + "self_attention.linear_qkv.weight"] = merge_qkv(
+            hf.take(h + "self_attn.q_proj.weight"), hf.take(h + "self_attn.k_proj.weight"),
+            hf.take(h + "self_attn.v_proj.weight"), spec)
+        out[m + "self_attention.linear_proj.weight"] = hf.take(h + "self_attn.o_proj.weight")
+        out[m + "mlp.linear_fc1.weight"] = merge_gated_fc1(hf.take(h + "mlp.gate_proj.weight"),
+                                                            hf.take(h + "mlp.up_proj.weight"))
+        out[m + "mlp.linear_fc2.weight"] = hf.take(h + "mlp.down_proj.weight")
+    out["decoder.final_layernorm.weight"] = hf.take("model.norm.weight")
+    if spec.tie_word_embeddings:
+        hf.take("lm_head.weight", required=False)  # a tied copy, when a checkpoint stores it
+    else:
+        out["output_layer.weight"] = pad_vocab(hf.take("lm_head.weight"), spec)
     return out

@@ -1,4 +1,4 @@
-"""Megatron-core tensor layouts that the Hugging Face mappings undo.
+"""Megatron-core tensor layouts that the Hugging Face mappings undo (export) and redo (import).
 
 Names are those of a megatron-core ``GPTModel`` at TP=1; the local layer spec
 and the Transformer-Engine spec differ only in where the pre-attention and
@@ -16,15 +16,17 @@ from .spec import ExportSpec, UnsupportedModelError
 _IGNORED_SUFFIXES = ("_extra_state", "inv_freq")
 
 
-class MegatronState:
-    """A dense megatron state dict consumed entry by entry, so leftovers can be reported.
+class ConsumedState:
+    """A state dict consumed entry by entry, so leftovers can be reported.
 
     Args:
-        state: ``{megatron name: tensor}`` (e.g. from :func:`~megatron_poet.export.fold.dense_state_dict`).
+        state: ``{name: tensor}``.
+        what: how errors name the state ("megatron state", "Hugging Face checkpoint").
     """
 
-    def __init__(self, state: dict[str, torch.Tensor]):
+    def __init__(self, state: dict[str, torch.Tensor], what: str):
         self._state = dict(state)
+        self.what = what
 
     def take(self, *names: str, required: bool = True) -> torch.Tensor | None:
         """Remove and return the first of ``names`` present (alternative spellings of one entry)."""
@@ -32,8 +34,23 @@ class MegatronState:
             if name in self._state:
                 return self._state.pop(name)
         if required:
-            raise KeyError(f"megatron state has no {' / '.join(names)}")
+            raise KeyError(f"{self.what} has no {' / '.join(names)}")
         return None
+
+    def left(self, ignored: tuple[str, ...] = ()) -> list[str]:
+        """Names not taken, but those ending in ``ignored``."""
+        return sorted(k for k in self._state if not k.endswith(ignored))
+
+
+class MegatronState(ConsumedState):
+    """A dense megatron state dict consumed entry by entry (see :class:`ConsumedState`).
+
+    Args:
+        state: ``{megatron name: tensor}`` (e.g. from :func:`~megatron_poet.export.fold.dense_state_dict`).
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__(state, "megatron state")
 
     def norm(self, layer: int, which: str, field: str) -> torch.Tensor | None:
         """A pre-attention (``which="attention"``) or pre-MLP (``"mlp"``) norm's ``weight``/``bias``.
@@ -49,7 +66,7 @@ class MegatronState:
 
     def check_consumed(self) -> None:
         """Raise if any weight was not mapped: the model has parts the export would silently drop."""
-        left = sorted(k for k in self._state if not k.endswith(_IGNORED_SUFFIXES))
+        left = self.left(_IGNORED_SUFFIXES)
         if left:
             raise UnsupportedModelError(
                 f"megatron state entries with no Hugging Face counterpart (unsupported model parts): {left}"
@@ -83,6 +100,17 @@ def split_qkv(fused: torch.Tensor, spec: ExportSpec) -> tuple[torch.Tensor, torc
     return q, k, v
 
 
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ExportSpec) -> torch.Tensor:
+    """Megatron's fused ``linear_qkv`` weight or bias from Hugging Face's Q, K, V: the inverse of
+    :func:`split_qkv` (per query group: its ``np/ng`` query heads, its key head, its value head)."""
+    ng, hn = spec.num_query_groups, spec.head_dim
+    per_group = spec.num_attention_heads // ng
+    rest = q.shape[1:]
+    grouped = torch.cat([q.reshape(ng, per_group, hn, *rest), k.reshape(ng, 1, hn, *rest),
+                         v.reshape(ng, 1, hn, *rest)], dim=1)
+    return grouped.reshape(ng * (per_group + 2) * hn, *rest)
+
+
 def split_gated_fc1(fused: torch.Tensor, spec: ExportSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Split SwiGLU's ``linear_fc1`` ``(2 * ffn, ...)`` into gate and up ``(ffn, ...)``.
 
@@ -101,3 +129,17 @@ def trim_vocab(table: torch.Tensor, spec: ExportSpec) -> torch.Tensor:
         raise ValueError(f"vocabulary table has {table.shape[0]} rows, expected the padded "
                          f"vocabulary size {spec.padded_vocab_size}")
     return table[: spec.vocab_size]
+
+
+def merge_gated_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``linear_fc1`` ``(2 * ffn, ...)`` from gate and up: the inverse of :func:`split_gated_fc1`."""
+    return torch.cat([gate, up], dim=0)
+
+
+def pad_vocab(table: torch.Tensor, spec: ExportSpec) -> torch.Tensor:
+    """Megatron's padded table ``(padded_vocab, hidden)`` from ``(vocab, hidden)``: the inverse of
+    :func:`trim_vocab`; the padding rows are zero (and their logits masked: they never change the model)."""
+    if table.shape[0] != spec.vocab_size:
+        raise ValueError(f"vocabulary table has {table.shape[0]} rows, expected the vocabulary size {spec.vocab_size}")
+    padding = table.new_zeros(spec.padded_vocab_size - spec.vocab_size, *table.shape[1:])
+    return torch.cat([table, padding], dim=0)

@@ -32,61 +32,37 @@ def _umask() -> int:
     return mask
 
 
-def parse_size(size: str | int) -> int:
-    """``"5GB"`` / ``"500MB"`` / ``"10KB"`` / ``1024`` -> bytes (decimal units, as Hugging Face)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*", size.upper())
-    if not match:
-        raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB or a number of bytes")
-    scale = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[match.group(2)]
-    return int(float(match.group(1)) * scale)
-
-
-def plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
-    """Group tensor names, in order, into shards of at most ``max_shard_bytes``.
-
-    A tensor larger than the limit gets a shard of its own (as in Hugging Face).
-    """
-    shards, current, used = [], [], 0
-    for name, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
-        if current and used + size > max_shard_bytes:
-            shards.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += size
-    if current:
-        shards.append(current)
-    return shards
-
-
 def write_safetensors(out_dir: str, state: dict[str, torch.Tensor], max_shard_size: str | int = "5GB",
                       progress: Callable | None = None) -> list[str]:
     """Write ``state`` as ``model.safetensors``, or as shards plus ``model.safetensors.index.json``
-    when it exceeds ``max_shard_size``. Stale model files in ``out_dir`` are removed first,
-    so an index never coexists with an old single file. Returns the files written.
+    when it exceeds ``max_shard_size`` (``"5GB"``, ``"500MB"`` or bytes; planned by ``huggingface_hub``'s
+    ``split_torch_state_dict_into_shards``, as ``save_pretrained`` does). Stale model files in
+    ``out_dir`` are removed first, so an index never coexists with an old single file. Returns the
+    files written.
     """
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     for stale in os.listdir(out_dir):
         if _SHARD_PATTERN.match(stale):
             os.remove(os.path.join(out_dir, stale))
-    shards = plan_shards(state, parse_size(max_shard_size))
-    names = ([SAFETENSORS_SINGLE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map = {}
-    for file_name, keys in (progress(list(zip(names, shards))) if progress else zip(names, shards)):
+    try:
+        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    except ValueError as err:
+        raise ValueError(f"cannot plan shards of {max_shard_size!r} ({err}); use e.g. 5GB, 500MB or a number of "
+                         f"bytes") from None
+    shards = list(split.filename_to_tensors.items())
+    for file_name, keys in (progress(shards) if progress else shards):
         # safetensors refuses views sharing storage (e.g. Q/K/V slices of one fused tensor).
         tensors = {k: state[k].contiguous().clone() for k in keys}
         path = os.path.join(out_dir, file_name)
         save_file(tensors, path, metadata={"format": "pt"})
         os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; give the usual permissions
-        weight_map.update({k: file_name for k in keys})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
+    names = [name for name, _ in shards]
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+            json.dump(index, f, indent=2, sort_keys=True)
         names.append(SAFETENSORS_INDEX)
     return names
 

@@ -337,3 +337,35 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process(seed: int = 1234):
+    """torch.distributed and megatron's parallel state for this one process (TP = PP = 1), for tools that
+    build a model outside a launcher (export, import); inside an initialized world of size 1, nothing
+    changes. Picks a free rendezvous port; the environment is restored afterwards."""
+    import socket
+
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() != 1:
+            raise RuntimeError("this tool runs in a single process (world size 1)")
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ours = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
+    saved = {name: os.environ.get(name) for name in ours}  # a launcher in this process must not inherit them
+    os.environ.update(ours)
+    try:
+        initialize_distributed(1, 1, seed=seed)
+        try:
+            yield
+        finally:
+            destroy_distributed()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

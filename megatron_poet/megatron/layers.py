@@ -210,6 +210,29 @@ class _POETParallelLinear(POETModule):
         replicated = draw_permutation(self._sides()[1].dim, mix_seed(seed, "replicated"))
         self._merge(*((replicated, sharded) if self.column else (sharded, replicated)))
 
+    @torch.no_grad()
+    def start_from(self, weight: torch.Tensor) -> None:
+        """Compute the dense ``weight`` ``(output_size, input_size)``, Megatron's global layout: ``A0`` is
+        this rank's part of it in the layer's pre-permuted layout, the factors are the identity (zero
+        skews), the permutations stay. For continued pretraining from a released model: POET then
+        only rotates ``weight``, whose singular values it keeps."""
+        if tuple(weight.shape) != (self.output_size, self.input_size):
+            raise ValueError(f"POET layer {self.name!r}: weight has shape {tuple(weight.shape)}, expected "
+                             f"{(self.output_size, self.input_size)}")
+        for side in self._sides():
+            side.skew.zero_()
+        rows = self.global_indices(self.output_side.perm, 0).to(weight.device)
+        cols = self.global_indices(self.input_side.perm, 1).to(weight.device)
+        self.frozen_weight.copy_(weight.index_select(0, rows).index_select(1, cols))
+        if self.master:
+            master_rows, master_cols = self.master.global_rows_and_cols()
+            self.frozen_master.copy_(weight.index_select(0, master_rows.to(weight.device))
+                                     .index_select(1, master_cols.to(weight.device)))
+        if self.fp8 is not None:
+            self.fp8.invalidate()
+        self._record_initial_norms()
+        self.initialized = True
+
     def _canonical_master(self) -> torch.Tensor:
         return self.master.gather(self.frozen_master)
 

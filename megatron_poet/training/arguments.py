@@ -15,7 +15,7 @@ from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
 from megatron_poet.poet.cayley import MAX_ORTHOGONALITY_ERROR, ORTHOGONALITY_WARNING
 from megatron_poet.poet.init import INIT_SCHEMES
 
-from . import architecture, fp8, metrics, profiling
+from . import architecture, checkpoint_args, fp8, metrics, profiling
 from .engine import deepspeed_config
 from .flag_help import document
 
@@ -152,26 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache/ directory beside the data, the corpus in ~/.cache/megatron_poet")
     g.add_argument("--num-workers", type=int, default=0)
 
-    g = p.add_argument_group("checkpointing and logging")
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--ckpt-step", type=int, default=None,
-                   help="resume from this iteration's checkpoint under --load instead of the latest (Megatron-LM's flag)")
-    g.add_argument("--ckpt-verify-checksums", action="store_true",
-                   help="before resuming, check every file of the checkpoint against the SHA-256 in its manifest "
-                        "(reads the whole checkpoint); sizes are always checked")
-    g.add_argument("--keep-last-checkpoints", type=int, default=None,
-                   help="keep only the K newest checkpoints under --save, deleting older ones once a newer one "
-                        "verifies against its manifest; default: keep all")
-    g.add_argument("--async-save", action="store_true",
-                   help="write checkpoints in the background (megatron-core's asynchronous dist_checkpointing) "
-                        "while training goes on; the marker moves once every rank's write is complete")
-    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
-                   help="save the distributed optimizer's state so that it loads at any TP/PP/DP layout "
-                        "(gathers it at save time); by default it reloads only at another DP size")
-    g.add_argument("--no-save-on-signal", dest="save_on_signal", action="store_false",
-                   help="do not save a checkpoint when SIGTERM/SIGINT arrives")
+    checkpoint_args.add_arguments(p)
+    g = p.add_argument_group("logging")
     g.add_argument("--eval-interval", type=int, default=100)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--log-interval", type=int, default=10)
@@ -188,6 +170,11 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     """
     args = build_parser().parse_args(argv)
     args.world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if args.use_checkpoint_args:
+        try:
+            checkpoint_args.adopt_checkpoint_args(args)
+        except checkpoint_args.CheckpointArgumentError as err:
+            raise ArgumentError(str(err)) from None
     _fill_defaults(args)
     validate_args(args)
     return args
@@ -335,13 +322,6 @@ def validate_args(args: argparse.Namespace) -> None:
     need(args.loss_spike_factor == 0 or args.loss_spike_factor > 1,
          f"--loss-spike-factor must be > 1 (or 0 = off), got {args.loss_spike_factor}")
     need(args.loss_spike_window >= 1, f"--loss-spike-window must be >= 1, got {args.loss_spike_window}")
-    need(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1,
-         f"--keep-last-checkpoints must be >= 1, got {args.keep_last_checkpoints}")
-    need(args.ckpt_step is None or (args.load and args.ckpt_step >= 0), "--ckpt-step needs --load and a value >= 0")
-    need(not (args.async_save and args.deepspeed),
-         "--async-save uses megatron-core's asynchronous dist_checkpointing; DeepSpeed's checkpoints are written "
-         "synchronously: drop --async-save or --deepspeed/--zero-stage")
-    need(not args.async_save or args.save, "--async-save needs --save DIR")
     interval = args.check_weight_hash_across_dp_replicas_interval
     need(interval is None or interval >= 1,
          f"--check-weight-hash-across-dp-replicas-interval must be >= 1, got {interval}")
@@ -355,13 +335,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.data_path:
         need(args.tokenizer_model is not None,
              "--data-path needs --tokenizer-model PATH (the tokenizer the data was preprocessed with)")
-    if args.load:  # --save's directory may not exist yet: the first run of a save/resume command line
-        need(os.path.isdir(args.load) or args.load == args.save, f"--load {args.load}: no such directory")
     need(args.model_style != "gpt2" or args.seq_length <= args.max_position_embeddings,
          f"--seq-length {args.seq_length} > --max-position-embeddings {args.max_position_embeddings}: the "
          f"gpt2 style's learned position table has no row for the later positions; raise "
          f"--max-position-embeddings or lower --seq-length")
     errors += architecture.argument_errors(args)
+    errors += checkpoint_args.argument_errors(args)
     errors += deepspeed_config.deepspeed_arg_errors(args)
     errors += profiling.argument_errors(args)
     errors += metrics.argument_errors(args)

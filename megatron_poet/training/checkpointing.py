@@ -5,7 +5,10 @@ engine saves and loads through its format (megatron ``dist_checkpointing`` or De
 before any work (:func:`check_checkpoint_args`): the checkpoint to resume exists, verifies against
 its manifest (sizes; SHA-256 with ``--ckpt-verify-checksums``), was written by this run's engine
 (at the same ZeRO stage and data-parallel size for DeepSpeed) and holds a model of the command
-line's shape. Loading never unpickles arbitrary objects (:mod:`megatron_poet.safe_loading`).
+line's shape. With ``--finetune`` only the model weights are taken (from either engine's checkpoint,
+or a model-only one such as ``tools/convert_from_hf.py`` writes): :func:`load_finetune_weights` loads
+them into the freshly built model before the engine wraps it. Loading never unpickles arbitrary
+objects (:mod:`megatron_poet.safe_loading`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 
 from megatron_poet.checkpoint import (
     MARKER, SHAPE_ARGS, CheckpointError, CheckpointFormat, DeepSpeedFormat, DistFormat, checkpoint_dir, format_of,
-    latest_iteration, shape_args, verify_or_explain,
+    latest_iteration, saved_shape_args, shape_args, verify_or_explain,
 )
 
 
@@ -44,6 +47,19 @@ def _engine_mismatch(args: argparse.Namespace, path: str, written: CheckpointFor
     return None
 
 
+def _finetune_args(args: argparse.Namespace, path: str, written: CheckpointFormat) -> dict:
+    """``--finetune`` takes model weights from a checkpoint of either engine; DeepSpeed's hold them whole."""
+    if isinstance(written, DeepSpeedFormat) and (args.tensor_model_parallel_size > 1
+                                                 or args.pipeline_model_parallel_size > 1):
+        raise CheckpointError(f"--finetune from {path}: a DeepSpeed checkpoint holds the model whole, so it starts "
+                              f"runs at tensor- and pipeline-parallel size 1 only; export and re-import it, or "
+                              f"train at TP = PP = 1")
+    saved = written.read_args(path)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--load {args.load}: {path} records no model arguments")
+    return saved
+
+
 def check_checkpoint_args(args: argparse.Namespace) -> int | None:
     """Before any work: the ``--load`` checkpoint verifies and suits the command line (see the module docstring).
 
@@ -65,19 +81,42 @@ def check_checkpoint_args(args: argparse.Namespace) -> int | None:
         torch.distributed.broadcast_object_list(damage, src=0)  # one rank reads the files, all agree
     if damage[0]:
         raise CheckpointError(damage[0])
-    mismatch = _engine_mismatch(args, path, format_of(path))
-    if mismatch:
-        raise CheckpointError(mismatch)
-    saved = run_format(args).resume_args(args, path)
-    ours = shape_args(args)
-    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, command line {ours[k]!r}"
-             for k in SHAPE_ARGS if saved.get(k) != ours[k]]
+    written = format_of(path)
+    if written is None:
+        raise CheckpointError(f"--load {args.load}: {path} holds no checkpoint of a known format")
+    if args.finetune:
+        saved = _finetune_args(args, path, written)
+    else:
+        if written.model_only(path):
+            raise CheckpointError(f"--load {args.load} ({os.path.basename(path)}) holds only model weights (an imported "
+                                  f"model): start training from it with --finetune (and --use-checkpoint-args)")
+        mismatch = _engine_mismatch(args, path, written)
+        if mismatch:
+            raise CheckpointError(mismatch)
+        saved = run_format(args).resume_args(args, path)
+    ours, saved = shape_args(args), saved_shape_args(saved)
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, command line {ours[k]!r}"
+             for k in SHAPE_ARGS if saved[k] != ours[k]]
     if diffs:
         raise CheckpointError(
             f"--load {args.load} (iteration {iteration}) holds a model of another shape; change these flags "
             f"to the checkpoint's values or load another checkpoint:\n  " + "\n  ".join(diffs)
         )
     return iteration
+
+
+def load_finetune_weights(args: argparse.Namespace, model_chunks: list) -> str | None:
+    """``--finetune``: load the ``--load`` checkpoint's model weights into this rank's freshly built
+    (unwrapped) ``model_chunks``, before the engine wraps them; returns the directory (``None``: nothing
+    to load). Raises :class:`CheckpointError` when the weights do not fit."""
+    iteration = iteration_to_load(args)
+    if iteration is None:
+        return None
+    path = checkpoint_dir(args.load, iteration)
+    checkpoint = format_of(path)
+    for chunk in model_chunks:
+        checkpoint.load_model_weights(chunk, path)
+    return path
 
 
 def load_checkpoint(args: argparse.Namespace, engine) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import torch
 from megatron_poet.safe_loading import UnsafeFileError
 
 from .arguments import ArgumentError, parse_args
-from .checkpointing import CheckpointError, check_checkpoint_args
+from .checkpointing import CheckpointError, check_checkpoint_args, load_finetune_weights
 from .engine import build_engine
 from .finite import EXIT_DIVERGED, TrainingDiverged
 from .fp8 import describe_run_fp8
@@ -39,6 +39,13 @@ def _first_error_of_any_rank(error: Exception | None) -> str | None:
     messages = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(messages, None if error is None else str(error))
     return next((message for message in messages if message is not None), None)
+
+
+def _report_once(error: str | None) -> bool:
+    """Print ``error`` on rank 0; whether there was one (the same on every rank)."""
+    if error is not None and torch.distributed.get_rank() == 0:
+        print(f"error: {error}", file=sys.stderr)
+    return error is not None
 
 
 def _setup_tokenizer(args: argparse.Namespace):
@@ -130,15 +137,20 @@ def _run(argv: list[str] | None) -> int:
             return 2
         # before ZeRO-3 partitions them
         n_params = sum(p.numel() for chunk in model_chunks for p in chunk.parameters() if p.requires_grad)
+        finetuned_from, refusal = None, None
+        if args.finetune:  # the weights go into the model before the engine wraps it (and copies masters)
+            try:
+                finetuned_from = load_finetune_weights(args, model_chunks)
+            except (CheckpointError, UnsafeFileError) as e:
+                refusal = e
+            if _report_once(_first_error_of_any_rank(refusal)):
+                return 2
         engine = build_engine(args, model_chunks)
         try:
-            state, refusal = engine.load_checkpoint(), None
+            state = engine.load_checkpoint()
         except (CheckpointError, UnsafeFileError) as e:
             refusal = e
-        refusal = _first_error_of_any_rank(refusal)
-        if refusal is not None:
-            if torch.distributed.get_rank() == 0:
-                print(f"error: {refusal}", file=sys.stderr)
+        if _report_once(_first_error_of_any_rank(refusal)):
             return 2
         iteration, consumed = state.iteration, state.consumed_samples
         logger = TrainingLogger(args, vocab, iteration)
@@ -150,7 +162,10 @@ def _run(argv: list[str] | None) -> int:
             f"vocab {args.vocab_size_unpadded} (padded {vocab}), data {' '.join(args.data_path or ['mock'])}, "
             f"{'bf16' if args.bf16 else 'fp32'}, FP8 {describe_run_fp8(args, model_chunks)}"
         )
-        if iteration:
+        if finetuned_from:
+            logger.print(f" fine-tuning from {finetuned_from}: its model weights; iteration, optimizer, schedule and "
+                         f"data start anew (--finetune)")
+        elif iteration:
             logger.print(f" resumed from {args.load} at iteration {iteration} ({consumed} consumed samples)")
         elif args.load:
             logger.print(f" no checkpoint in {args.load} yet: training from scratch")

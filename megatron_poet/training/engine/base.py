@@ -209,6 +209,6 @@ class TrainingEngine(abc.ABC):
         """
         from ..checkpointing import load_checkpoint
 
-        if not self.args.load:
+        if not self.args.load or self.args.finetune:  # --finetune: weights loaded before the engine was built
             return TrainingState()
         return TrainingState(*load_checkpoint(self.args, self))
