@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .layout import ConsumedState, MegatronState, merge_qkv, pad_vocab, split_qkv, trim_vocab
+from .layout import (
+    ConsumedState, MegatronState, merge_qkv, output_layer_from_hf, pad_vocab, split_qkv, trim_vocab,
+)
 from .spec import ExportSpec
 
 
@@ -113,8 +115,5 @@ def gpt2_from_hf(hf: ConsumedState, spec: ExportSpec) -> dict[str, torch.Tensor]
         out[m + "mlp.linear_fc2.bias"] = hf.take(g + "mlp.c_proj.bias")
     out["decoder.final_layernorm.weight"] = hf.take("transformer.ln_f.weight")
     out["decoder.final_layernorm.bias"] = hf.take("transformer.ln_f.bias")
-    if spec.tie_word_embeddings:
-        hf.take("lm_head.weight", required=False)  # a tied copy, when a checkpoint stores it
-    else:
-        out["output_layer.weight"] = pad_vocab(hf.take("lm_head.weight"), spec)
+    out.update(output_layer_from_hf(hf, spec))
     return out

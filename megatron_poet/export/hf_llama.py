@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .layout import (
-    ConsumedState, MegatronState, merge_gated_fc1, merge_qkv, pad_vocab, split_gated_fc1, split_qkv, trim_vocab,
+    ConsumedState, MegatronState, merge_gated_fc1, merge_qkv, output_layer_from_hf, pad_vocab, split_gated_fc1,
+    split_qkv, trim_vocab,
 )
 from .spec import ExportSpec
 
@@ -110,8 +111,5 @@ def llama_from_hf(hf: ConsumedState, spec: ExportSpec) -> dict[str, torch.Tensor
                                                             hf.take(h + "mlp.up_proj.weight"))
         out[m + "mlp.linear_fc2.weight"] = hf.take(h + "mlp.down_proj.weight")
     out["decoder.final_layernorm.weight"] = hf.take("model.norm.weight")
-    if spec.tie_word_embeddings:
-        hf.take("lm_head.weight", required=False)  # a tied copy, when a checkpoint stores it
-    else:
-        out["output_layer.weight"] = pad_vocab(hf.take("lm_head.weight"), spec)
+    out.update(output_layer_from_hf(hf, spec))
     return out

@@ -143,3 +143,12 @@ def pad_vocab(table: torch.Tensor, spec: ExportSpec) -> torch.Tensor:
         raise ValueError(f"vocabulary table has {table.shape[0]} rows, expected the vocabulary size {spec.vocab_size}")
     padding = table.new_zeros(spec.padded_vocab_size - spec.vocab_size, *table.shape[1:])
     return torch.cat([table, padding], dim=0)
+
+
+def output_layer_from_hf(hf: ConsumedState, spec: ExportSpec) -> dict[str, torch.Tensor]:
+    """Untied embeddings: ``lm_head.weight`` as megatron's padded ``output_layer.weight``; tied: nothing
+    (a stored copy of the embedding is taken and dropped)."""
+    if spec.tie_word_embeddings:
+        hf.take("lm_head.weight", required=False)
+        return {}
+    return {"output_layer.weight": pad_vocab(hf.take("lm_head.weight"), spec)}
