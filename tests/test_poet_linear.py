@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from megatron_poet import POETLinear
 from megatron_poet.poet.cayley import skew_from_packed
 from megatron_poet.poet.functional import poet_linear, rotate_output
+from megatron_poet.poet.side import begin_step
 
 VARIANTS = [("bs", 4), ("fs", 6)]  # (variant, block size) for a 12 -> 8 layer
 
@@ -203,10 +204,14 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("mode", ["fast", "mem"])
 @pytest.mark.parametrize("variant,block_size", VARIANTS)
 def test_saved_for_backward_is_lean(mode, variant, block_size):
-    """What autograd keeps, besides the layer's own parameters and buffers: "mem" the input only,
-    "fast" the gathered input and the GEMM output; never the blocks or Cayley–Neumann intermediates."""
+    """What autograd keeps within an optimizer step, besides the layer's own parameters and buffers and
+    the step's blocks (one tensor per side, shared by every micro-batch): "mem" the input only, "fast"
+    the gathered input and the GEMM output; never Cayley–Neumann intermediates, nothing per micro-batch
+    for the blocks."""
     layer = make_layer(variant, block_size, mode, bias=False)
-    own = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+    begin_step(layer, 1)
+    step_blocks = [side.forward_blocks() for side in (layer.input_side, layer.output_side)]
+    own = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers(), *step_blocks)}
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     saved = []
 
@@ -223,3 +228,39 @@ def test_saved_for_backward_is_lean(mode, variant, block_size):
         assert saved[0] is x
     y.sum().backward()  # and the layer still trains
     assert all(p.grad is not None for p in layer.poet_parameters())
+
+
+@pytest.mark.parametrize("mode", ["fast", "mem"])
+@pytest.mark.parametrize("variant,block_size", VARIANTS)
+def test_blocks_once_per_step_give_the_per_micro_batch_gradients(mode, variant, block_size):
+    """Gradient accumulation over 3 micro-batches: with the step's shared blocks (the series
+    differentiated once, on the summed block gradient) the parameters' gradients equal those of
+    blocks built and differentiated per micro-batch (the same linear map, summed in another order:
+    float64 here, so equal to 1e-12), and the series runs once per step, not per micro-batch."""
+    import megatron_poet.poet.side as side_module
+
+    layer = make_layer(variant, block_size, mode)
+    xs = [torch.randn(4, 12, dtype=torch.float64) for _ in range(3)]
+
+    def grads(per_step: bool):
+        layer.zero_grad()
+        if per_step:
+            begin_step(layer, len(xs))
+        for x in xs:
+            (layer(x) ** 2).sum().backward()
+        return [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+
+    calls = []
+    build = side_module.OrthogonalSide.build_blocks
+    side_module.OrthogonalSide.build_blocks = lambda self, *a, **k: calls.append(1) or build(self, *a, **k)
+    try:
+        per_micro_batch = grads(False)
+        per_micro_batch_calls, calls[:] = len(calls), []
+        per_step = grads(True)
+    finally:
+        side_module.OrthogonalSide.build_blocks = build
+    for got, want in zip(per_step, per_micro_batch):
+        assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    assert per_micro_batch_calls == 2 * 2 * len(xs)  # each side: forward + backward, every micro-batch
+    assert len(calls) == 2 * 2  # each side: one forward, one differentiation, per step
+    assert layer.input_side._step_passes is None  # the step closed after its last backward pass

@@ -4,7 +4,7 @@
 The pieces are separate so the tensor-parallel layers can put communication between them:
 
 - :func:`rotate_input` (``z = BD(G_R) Pi_in x``) saves ``x`` (its permuted copy on the PyTorch
-  path, where the gather is a separate pass anyway) and the packed skew parameters;
+  path, where the gather is a separate pass anyway) and a reference to the blocks;
 - :func:`frozen_linear` (``h = A0' z``) saves nothing but a reference to ``A0'``: no weight
   gradient exists, so the GEMM and its input gradient (:func:`frozen_gemm`,
   :func:`frozen_gemm_input_grad`) are the one place a different GEMM (e.g. FP8) plugs in;
@@ -12,9 +12,11 @@ The pieces are separate so the tensor-parallel layers can put communication betw
   (``save_output=True``: free when the next op keeps ``y`` anyway, as attention and SwiGLU do);
 - :func:`recomputed_poet_linear` ("mem" mode) saves only ``x`` and recomputes the rest in backward.
 
-No function keeps the blocks ``G`` or the Cayley–Neumann intermediates: the blocks are rebuilt
-from the packed parameters in backward (the fused Triton kernel saves only those parameters
-too). With ``save_output``, the output side's block gradient comes from ``y`` instead of ``h``:
+Each function takes the blocks ``G`` (:meth:`OrthogonalSide.forward_blocks
+<megatron_poet.poet.side.OrthogonalSide.forward_blocks>`) and returns their gradient; within an
+optimizer step all micro-batches share one block tensor per side, and the Cayley–Neumann series is
+differentiated once per step, not per micro-batch (:mod:`.side`). No function keeps the series'
+intermediates. With ``save_output``, the output side's block gradient comes from ``y`` instead of ``h``:
 ``dL/dG = sum_t du h^T = (sum_t du u^T) G^{-T}`` with ``u = Pi y = G h``; ``G`` is close to
 orthogonal (well conditioned) whenever the Neumann series converges (``||Q|| < 1``), so the
 solve is accurate.
@@ -41,54 +43,32 @@ def frozen_gemm_input_grad(grad_h: torch.Tensor, frozen_weight: torch.Tensor, fp
     return torch.matmul(grad_h, frozen_weight) if fp8 is None else fp8.input_grad(grad_h, frozen_weight)
 
 
-def _blocks_for_backward(side: OrthogonalSide, skew: torch.Tensor, dtype: torch.dtype, need_grad: bool):
-    """``(leaf, blocks with autograd graph or None, blocks as the forward used them)``."""
-    if not need_grad:
-        with torch.no_grad():
-            return None, None, side.build_blocks(skew, dtype)
-    leaf = skew.detach().requires_grad_()
-    with torch.enable_grad():
-        graph = side.build_blocks(leaf)
-    return leaf, graph, graph.detach().to(dtype)
-
-
 def _through_inverse(outer: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-    """``outer G^{-T}`` per block (float32 or wider)."""
+    """``outer G^{-T}`` per block (float32 or wider); no host synchronization (no error check: ``G`` is
+    close to orthogonal whenever the series converges)."""
     g = used.to(outer.dtype)
-    return torch.linalg.solve(g, outer.transpose(1, 2)).transpose(1, 2)
-
-
-def _skew_grads(leaves: list, graphs: list, grads: list) -> list:
-    """Gradients of the packed parameters through the rebuilt Cayley–Neumann graphs (``None`` where unused)."""
-    live = [i for i, leaf in enumerate(leaves) if leaf is not None]
-    out = [None] * len(leaves)
-    if live:
-        with torch.enable_grad():
-            got = torch.autograd.grad([graphs[i] for i in live], [leaves[i] for i in live],
-                                      [grads[i].to(graphs[i].dtype) for i in live])
-        for i, g in zip(live, got):
-            out[i] = g
-    return out
+    return torch.linalg.solve_ex(g, outer.transpose(1, 2), check_errors=False)[0].transpose(1, 2)
 
 
 class _RotateInput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, skew, perm, inv_perm, side):
-        z, x_perm = input_rotation(x, perm, side.build_blocks(skew, x.dtype), side.segment)
+    def forward(ctx, x, blocks, perm, inv_perm, side):
+        z, x_perm = input_rotation(x, perm, blocks.to(x.dtype), side.segment)
         ctx.side, ctx.permuted = side, x_perm is not None
-        ctx.save_for_backward(x if x_perm is None else x_perm, skew, perm, inv_perm)
+        ctx.save_for_backward(x if x_perm is None else x_perm, blocks, perm, inv_perm)
         return z
 
     @staticmethod
     def backward(ctx, grad_z):
-        kept, skew, perm, inv_perm = ctx.saved_tensors
-        need_x, need_skew = ctx.needs_input_grad[:2]
-        leaf, graph, used = _blocks_for_backward(ctx.side, skew, kept.dtype, need_skew)
+        kept, blocks, perm, inv_perm = ctx.saved_tensors
         which = {"x_perm": kept} if ctx.permuted else {"x": kept}
-        grad_x, grad_blocks = input_side_grads(grad_z, used, perm, ctx.side.segment, inv_perm=inv_perm,
-                                               need_input_grad=need_x, **which)
-        (grad_skew,) = _skew_grads([leaf], [graph], [grad_blocks])
-        return grad_x, grad_skew, None, None, None
+        grad_x, grad_blocks = input_side_grads(grad_z, blocks.to(kept.dtype), perm, ctx.side.segment,
+                                               inv_perm=inv_perm, need_input_grad=ctx.needs_input_grad[0], **which)
+        return grad_x, _block_grad(grad_blocks, blocks, ctx.needs_input_grad[1]), None, None, None
+
+
+def _block_grad(grad: torch.Tensor, blocks: torch.Tensor, needed: bool) -> torch.Tensor | None:
+    return grad.to(blocks.dtype) if needed else None
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -106,58 +86,54 @@ class _FrozenLinear(torch.autograd.Function):
 
 class _RotateOutput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, skew, perm, inv_perm, side, save_output):
-        y = output_rotation(h, side.build_blocks(skew, h.dtype), perm, side.segment, inv_perm)
+    def forward(ctx, h, blocks, perm, inv_perm, side, save_output):
+        y = output_rotation(h, blocks.to(h.dtype), perm, side.segment, inv_perm)
         ctx.side, ctx.save_output = side, save_output
-        ctx.save_for_backward(y if save_output else h, skew, perm)
+        ctx.save_for_backward(y if save_output else h, blocks, perm)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        kept, skew, perm = ctx.saved_tensors
-        leaf, graph, used = _blocks_for_backward(ctx.side, skew, kept.dtype, ctx.needs_input_grad[1])
+        kept, blocks, perm = ctx.saved_tensors
+        used = blocks.to(kept.dtype)
         which = {"y": kept} if ctx.save_output else {"h": kept}
         grad_h, outer = output_side_grads(grad_y, used, perm, ctx.side.segment, **which)
         grad_blocks = _through_inverse(outer, used) if ctx.save_output else outer
-        (grad_skew,) = _skew_grads([leaf], [graph], [grad_blocks])
-        return grad_h, grad_skew, None, None, None, None
+        return grad_h, _block_grad(grad_blocks, blocks, ctx.needs_input_grad[1]), None, None, None, None
 
 
 class _RecomputedPOETLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, frozen_weight, skew_in, perm_in, inv_in, skew_out, perm_out, inv_out, sides, comm, fp8):
+    def forward(ctx, x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out, inv_out, sides, comm, fp8):
         in_side, out_side = sides
-        z, _ = input_rotation(x, perm_in, in_side.build_blocks(skew_in, x.dtype), in_side.segment)
+        z, _ = input_rotation(x, perm_in, blocks_in.to(x.dtype), in_side.segment)
         h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, fp8)
         ctx.sides, ctx.comm, ctx.fp8 = sides, comm, fp8
-        ctx.save_for_backward(x, frozen_weight, skew_in, perm_in, inv_in, skew_out, perm_out)
+        ctx.save_for_backward(x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out)
         if out_side is None:
             return h
-        return output_rotation(h, out_side.build_blocks(skew_out, h.dtype), perm_out, out_side.segment, inv_out)
+        return output_rotation(h, blocks_out.to(h.dtype), perm_out, out_side.segment, inv_out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, frozen_weight, skew_in, perm_in, inv_in, skew_out, perm_out = ctx.saved_tensors
+        x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out = ctx.saved_tensors
         (in_side, out_side), comm = ctx.sides, ctx.comm
         needs = ctx.needs_input_grad
-        leaf_r, graph_r, g_r = _blocks_for_backward(in_side, skew_in, x.dtype, needs[2])
+        g_r = blocks_in.to(x.dtype)
         z, x_perm = input_rotation(x, perm_in, g_r, in_side.segment)
-        leaves, graphs, grads = [leaf_r], [graph_r], [None]
-        grad_h = grad_y
+        grad_h, grad_out = grad_y, None
         if out_side is not None:
-            leaf_p, graph_p, g_p = _blocks_for_backward(out_side, skew_out, x.dtype, needs[5])
             h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, ctx.fp8)
-            grad_h, grad_p = output_side_grads(grad_y, g_p, perm_out, out_side.segment, h=h)
+            grad_h, grad_p = output_side_grads(grad_y, blocks_out.to(x.dtype), perm_out, out_side.segment, h=h)
             del h
-            leaves, graphs, grads = [leaf_r, leaf_p], [graph_r, graph_p], [None, grad_p]
+            grad_out = _block_grad(grad_p, blocks_out, needs[5])
         grad_z = frozen_gemm_input_grad(grad_h, frozen_weight, ctx.fp8)
         if comm:
             grad_z = comm.backward(grad_z)
         del z
-        grad_x, grads[0] = input_side_grads(grad_z, g_r, perm_in, in_side.segment, x=x, x_perm=x_perm,
-                                            inv_perm=inv_in, need_input_grad=needs[0])
-        skew_grads = _skew_grads(leaves, graphs, grads) + [None]
-        return grad_x, None, skew_grads[0], None, None, skew_grads[1], None, None, None, None, None
+        grad_x, grad_r = input_side_grads(grad_z, g_r, perm_in, in_side.segment, x=x, x_perm=x_perm,
+                                          inv_perm=inv_in, need_input_grad=needs[0])
+        return grad_x, None, _block_grad(grad_r, blocks_in, needs[2]), None, None, grad_out, None, None, None, None, None
 
 
 def _profiled(name: str):
@@ -178,7 +154,7 @@ def rotate_input(x: torch.Tensor, side: OrthogonalSide, skew: torch.Tensor | Non
 
     ``skew`` defaults to ``side.skew``.
     """
-    return _RotateInput.apply(x, side.skew if skew is None else skew, side.perm, side.inv_perm, side)
+    return _RotateInput.apply(x, side.forward_blocks(skew), side.perm, side.inv_perm, side)
 
 
 @_profiled("poet::frozen_gemm")
@@ -194,7 +170,7 @@ def frozen_linear(z: torch.Tensor, frozen_weight: torch.Tensor, fp8=None) -> tor
 def rotate_output(h: torch.Tensor, side: OrthogonalSide, *, save_output: bool = False,
                   skew: torch.Tensor | None = None) -> torch.Tensor:
     """``y = Pi^T BD(G_P) h`` ``(..., d) -> (..., d)``; saves ``h``, or ``y`` with ``save_output``."""
-    return _RotateOutput.apply(h, side.skew if skew is None else skew, side.perm, side.inv_perm, side, save_output)
+    return _RotateOutput.apply(h, side.forward_blocks(skew), side.perm, side.inv_perm, side, save_output)
 
 
 @_profiled("poet::recomputed_linear")
@@ -209,11 +185,11 @@ def recomputed_poet_linear(
     (the tensor-parallel layers pass their copy/all-gather here). ``fp8``: as :func:`frozen_linear`.
     Shapes ``(..., d_in) -> (..., d_out)``.
     """
-    skew_out = None if output_side is None else (output_side.skew if output_skew is None else output_skew)
+    blocks_out = None if output_side is None else output_side.forward_blocks(output_skew)
     out_perms = (None, None) if output_side is None else (output_side.perm, output_side.inv_perm)
     return _RecomputedPOETLinear.apply(
-        x, frozen_weight, input_side.skew if input_skew is None else input_skew, input_side.perm,
-        input_side.inv_perm, skew_out, *out_perms, (input_side, output_side), comm, fp8,
+        x, frozen_weight, input_side.forward_blocks(input_skew), input_side.perm, input_side.inv_perm,
+        blocks_out, *out_perms, (input_side, output_side), comm, fp8,
     )
 
 

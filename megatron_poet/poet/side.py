@@ -1,4 +1,16 @@
-"""One side (input or output) of a POET layer: a permutation and its orthogonal blocks."""
+"""One side (input or output) of a POET layer: a permutation and its orthogonal blocks.
+
+The blocks ``G = CN(skew)`` change only at the optimizer step, so within a step (opened by
+:func:`begin_step`, which the training engines call before each global batch) they are built
+once, at the first forward, and every micro-batch's forward and backward uses that one tensor:
+a leaf whose ``.grad`` accumulates the micro-batches' block gradients. When the step's last
+backward pass has delivered its block gradient, the side takes it through the Cayley–Neumann
+series once, inside that backward pass (a nested ``torch.autograd.backward``), so ``skew`` gets
+its gradient like any parameter (megatron's DDP hooks, DeepSpeed's ZeRO hooks, pipeline schedules
+see it as usual). Outside a step (evaluation, a plain training loop) the blocks are built per
+forward, with a graph to ``skew`` that recomputes the series in backward instead of keeping its
+intermediates.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,6 +19,26 @@ from torch import nn
 from .cayley import cayley_neumann, num_skew_params, orthogonality_error
 from .config import POETConfig
 from .rotation import inverse_permutation
+
+
+class CayleyNeumannBlocks(torch.autograd.Function):
+    """``blocks = side.build_blocks(skew)`` saving only ``skew``: backward rebuilds the series' graph
+    (its intermediates are never kept between forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, skew, side):
+        ctx.side = side
+        ctx.save_for_backward(skew)
+        return side.build_blocks(skew)
+
+    @staticmethod
+    def backward(ctx, grad_blocks):
+        (skew,) = ctx.saved_tensors
+        leaf = skew.detach().requires_grad_()
+        with torch.enable_grad():
+            graph = ctx.side.build_blocks(leaf)
+        (grad_skew,) = torch.autograd.grad(graph, leaf, grad_blocks.to(graph.dtype))
+        return grad_skew, None
 
 
 class OrthogonalSide(nn.Module):
@@ -52,6 +84,9 @@ class OrthogonalSide(nn.Module):
         self.register_buffer("inv_perm", torch.empty(dim, dtype=torch.long, device=device), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_inverse())
         self.set_permutation(self.draw_permutation(generator))
+        self._step_blocks: torch.Tensor | None = None  # this step's blocks (a leaf), built at the first forward
+        self._step_passes: int | None = None  # backward passes the open step expects (None: no step open)
+        self._passes_seen = 0
 
     def draw_permutation(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A uniformly random permutation of ``range(dim)`` (drawn on the CPU for reproducibility)."""
@@ -72,17 +107,54 @@ class OrthogonalSide(nn.Module):
         Built in float32 (float64 for float64 parameters), never in half precision, then cast to ``dtype``.
         """
         build = torch.promote_types(skew.dtype, torch.float32)
-        g = cayley_neumann(skew.to(build), self.block_size, self.neumann_terms)
+        with torch.profiler.record_function("poet::cayley_neumann"):
+            g = cayley_neumann(skew.to(build), self.block_size, self.neumann_terms)
         return g if dtype is None else g.to(dtype)
 
     def blocks(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """This side's blocks ``(n, b, b)`` (see :meth:`build_blocks`)."""
         return self.build_blocks(self.skew, dtype)
 
+    def forward_blocks(self, skew: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks ``(n, b, b)`` (float32, float64 for float64 parameters) for a forward pass that rotates
+        with them, differentiable towards ``skew`` (default: this side's; see the module docstring)."""
+        if skew is not None and skew is not self.skew:
+            return CayleyNeumannBlocks.apply(skew, self)
+        if self._step_passes is None:
+            if torch.is_grad_enabled() and self.skew.requires_grad:
+                return CayleyNeumannBlocks.apply(self.skew, self)
+            with torch.no_grad():
+                return self.build_blocks(self.skew)
+        if self._step_blocks is None:
+            with torch.no_grad():
+                blocks = self.build_blocks(self.skew)
+            if self.skew.requires_grad:
+                blocks.requires_grad_()
+                blocks.register_post_accumulate_grad_hook(self._block_gradient_accumulated)
+            self._step_blocks = blocks
+        return self._step_blocks
+
+    def begin_step(self, backward_passes: int) -> None:
+        """Open an optimizer step of ``backward_passes`` backward passes (micro-batches): its blocks are
+        built once; after the last pass, ``skew`` gets the step's gradient (see the module docstring)."""
+        self._step_blocks, self._step_passes, self._passes_seen = None, backward_passes, 0
+
+    def _block_gradient_accumulated(self, blocks: torch.Tensor) -> None:
+        self._passes_seen += 1
+        if self._passes_seen < self._step_passes:
+            return
+        grad, blocks.grad = blocks.grad, None
+        self._step_blocks, self._step_passes = None, None  # the step's forward passes are over
+        with torch.profiler.record_function("poet::cayley_neumann_backward"):
+            with torch.enable_grad():  # (backward runs without grad mode) one pass through the series
+                graph = self.build_blocks(self.skew)
+            torch.autograd.backward(graph, grad.to(graph.dtype))
+
     @torch.no_grad()
     def restart(self, perm: torch.Tensor) -> None:
         """Back to the identity with permutation ``perm`` (after a merge)."""
         self.skew.zero_()
+        self._step_blocks, self._step_passes = None, None
         self.set_permutation(perm)
 
     @torch.no_grad()
@@ -91,3 +163,11 @@ class OrthogonalSide(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_blocks={self.num_blocks}, block_size={self.block_size}, segment={self.segment}"
+
+
+def begin_step(model: nn.Module, backward_passes: int) -> None:
+    """Open an optimizer step of ``backward_passes`` micro-batches on every POET side of ``model`` (the
+    training engines call it before each global batch; see the module docstring)."""
+    for module in model.modules():
+        if isinstance(module, OrthogonalSide):
+            module.begin_step(backward_passes)

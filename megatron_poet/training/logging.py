@@ -239,6 +239,24 @@ class TrainingLogger:
             writer.close()
 
 
+class SetupClock:
+    """The set-up before the first iteration, phase by phase (from the process start), for one log line."""
+
+    def __init__(self):
+        self._last = psutil.Process().create_time()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        """``phase`` ended now (it began at the previous mark)."""
+        now = time.time()
+        self.phases.append((phase, now - self._last))
+        self._last = now
+
+    def report(self) -> str:
+        total = sum(seconds for _, seconds in self.phases)
+        return f" set-up {total:.1f} s: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases)
+
+
 def _loss_line(what: str, record: tuple[int, float] | None) -> str:
     if record is None:
         return f" final {what} loss: n/a"

@@ -24,7 +24,7 @@ from .checkpointing import CheckpointError, check_checkpoint_args, load_finetune
 from .engine import build_engine
 from .finite import EXIT_DIVERGED, TrainingDiverged
 from .fp8 import describe_run_fp8
-from .logging import TrainingLogger
+from .logging import SetupClock, TrainingLogger
 from .model_provider import build_model_chunks, padded_vocab_size
 from .process import (output_on_rank_zero_only, prepare_checkpoint_results_queue, prepare_training_process,
                       rank_from_env)
@@ -116,13 +116,16 @@ def _run(argv: list[str] | None) -> int:
     from megatron_poet.megatron.cpu_backend import destroy_distributed, initialize_distributed
 
     prepare_checkpoint_results_queue(background_saves=args.async_save)
+    clock = SetupClock()
     backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                                      virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size)
     try:
         try:
+            clock.mark("start-up and process groups")
             tokenizer = _setup_tokenizer(args)
             check_checkpoint_args(args)  # before the sample indices: they can take minutes
             train_ds, valid_ds = _build_datasets(args, tokenizer)
+            clock.mark("tokenizer and data")
         except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
             if torch.distributed.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
@@ -131,6 +134,7 @@ def _run(argv: list[str] | None) -> int:
         vocab = args.padded_vocab_size = padded_vocab_size(args.vocab_size_unpadded, args)
         try:
             model_chunks = build_model_chunks(args, vocab)
+            clock.mark("model (A0 of this rank's shard)")
         except ValueError as e:
             if torch.distributed.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
@@ -146,6 +150,7 @@ def _run(argv: list[str] | None) -> int:
             if _report_once(_first_error_of_any_rank(refusal)):
                 return 2
         engine = build_engine(args, model_chunks)
+        clock.mark(f"engine ({engine.name}, optimizer)")
         try:
             state = engine.load_checkpoint()
         except (CheckpointError, UnsafeFileError) as e:
@@ -153,6 +158,7 @@ def _run(argv: list[str] | None) -> int:
         if _report_once(_first_error_of_any_rank(refusal)):
             return 2
         iteration, consumed = state.iteration, state.consumed_samples
+        clock.mark("checkpoint load")
         logger = TrainingLogger(args, vocab, iteration)
         logger.print(
             f" megatron_poet pretraining: {'POET' if args.poet else 'AdamW baseline'}, engine {engine.name}, "
@@ -177,6 +183,8 @@ def _run(argv: list[str] | None) -> int:
         def make_valid_iterator():
             return _iterate(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size))
 
+        clock.mark("data loader")
+        logger.print(clock.report())
         try:
             train(args, engine, _iterate(train_loader), make_valid_iterator if valid_ds is not None else None, state,
                   logger)

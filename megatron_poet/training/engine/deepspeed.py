@@ -34,6 +34,7 @@ from torch import nn
 
 from megatron_poet.checkpoint import DeepSpeedFormat
 from megatron_poet.poet.optim import poet_modules, poet_param_groups
+from megatron_poet.poet.side import begin_step
 
 from ..optimizer import canonical_learning_rate, dense_group_settings, lr_scheduler, poet_group_settings
 from .base import BatchLoss, StepResult, TrainingEngine, forward_step, num_microbatches, reduce_loss
@@ -111,6 +112,8 @@ class DeepSpeedEngine(TrainingEngine):
 
     def _run(self, data_iterator: Iterator[dict], backward: bool) -> BatchLoss | None:
         count = num_microbatches(self.args)
+        if backward:  # POET blocks: built once, differentiated once, per step
+            begin_step(self.engine.module, count)
         outputs = []
         for i in range(count):
             losses, loss_func = forward_step(data_iterator, self.engine)
