@@ -193,21 +193,9 @@ def cayley_neumann_backward(packed: torch.Tensor, grad_blocks: torch.Tensor, b: 
     return out
 
 
-class CayleyNeumann(torch.autograd.Function):
-    """Autograd wrapper; saves only the packed parameters (the powers are recomputed)."""
-
-    @staticmethod
-    def forward(ctx, packed, block_size, neumann_terms):
-        ctx.save_for_backward(packed)
-        ctx.block_size, ctx.neumann_terms = block_size, neumann_terms
-        return cayley_neumann_forward(packed, block_size, neumann_terms)
-
-    @staticmethod
-    def backward(ctx, grad_blocks):
-        (packed,) = ctx.saved_tensors
-        return cayley_neumann_backward(packed, grad_blocks, ctx.block_size, ctx.neumann_terms), None, None
-
-
 def cayley_neumann(packed: torch.Tensor, block_size: int, neumann_terms: int) -> torch.Tensor:
-    """Kernel version of ``megatron_poet.poet.cayley.cayley_neumann`` (float32, ``k >= 1``)."""
-    return CayleyNeumann.apply(packed, block_size, neumann_terms)
+    """Kernel version of ``megatron_poet.poet.cayley.cayley_neumann`` (float32, ``k >= 1``), differentiable
+    (saves only the packed parameters; the powers are recomputed): the custom op of :mod:`.library`."""
+    from .library import cayley_neumann_forward as op
+
+    return op(packed, block_size, neumann_terms)

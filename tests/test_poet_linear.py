@@ -262,5 +262,5 @@ def test_blocks_once_per_step_give_the_per_micro_batch_gradients(mode, variant, 
     for got, want in zip(per_step, per_micro_batch):
         assert torch.allclose(got, want, atol=1e-12, rtol=0)
     assert per_micro_batch_calls == 2 * 2 * len(xs)  # each side: forward + backward, every micro-batch
-    assert len(calls) == 2 * 2  # each side: one forward, one differentiation, per step
-    assert layer.input_side._step_passes is None  # the step closed after its last backward pass
+    assert len(calls) == 2 * 2  # each side: built once, differentiated once, per step
+    assert layer.input_side._step_blocks is None  # the step closed after its last backward pass

@@ -109,14 +109,14 @@ def initialize_poet_layers(model: torch.nn.Module, seed: int) -> int:
 
 def _build(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int, seed: int,
-    backend: str, vp_stage: int | None, unpadded_vocab_size: int | None, **gpt_kwargs,
+    backend: str, vp_stage: int | None, unpadded_vocab_size: int | None, attention: str = "sdpa", **gpt_kwargs,
 ) -> GPTModel:
     compat.check_version()
     validate_model_config(config, poet, vocab_size)
     with recording_init_methods(config):
         model = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_block_spec(config, poet, backend),
+            transformer_layer_spec=gpt_block_spec(config, poet, backend, attention),
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -136,7 +136,7 @@ def build_llama_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
     seed: int = 1234, backend: str = "auto", rotary_base: float = 10000, vp_stage: int | None = None,
     unpadded_vocab_size: int | None = None, tie_embeddings: bool = False, rope_scaling_factor: float | None = None,
-    seq_len_interpolation_factor: float | None = None,
+    seq_len_interpolation_factor: float | None = None, attention: str = "sdpa",
 ) -> GPTModel:
     """Llama-style GPTModel (RMSNorm, SwiGLU, RoPE, GQA, no biases; untied embeddings unless ``tie_embeddings``).
 
@@ -149,7 +149,7 @@ def build_llama_model(
             ``None``: every row is a token.
         seed: every initial tensor is drawn from ``(seed, its global name)``: the same model at any
             TP/PP/virtual-PP/DP layout (:mod:`.layout_free_init`).
-        backend: "auto", "local" or "te" (see :mod:`.spec`).
+        backend: "auto", "local" or "te"; attention: "sdpa", "local" or "te" (see :mod:`.spec`).
         vp_stage: this chunk's virtual pipeline stage (``None`` without virtual pipelining).
         rope_scaling_factor: Llama-3.1 RoPE frequency scaling with this factor (megatron-core's
             ``rope_scaling``); ``None``: none. Kept on the model as ``rope_scaling_factor`` (megatron
@@ -161,7 +161,7 @@ def build_llama_model(
     if wrong:
         raise ValueError("build_llama_model needs a Llama-style config (use llama_config): " + ", ".join(wrong))
     model = _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
-                   position_embedding_type="rope", rotary_base=rotary_base,
+                   attention, position_embedding_type="rope", rotary_base=rotary_base,
                    share_embeddings_and_output_weights=tie_embeddings,
                    rope_scaling=rope_scaling_factor is not None, rope_scaling_factor=rope_scaling_factor or 8.0,
                    seq_len_interpolation_factor=seq_len_interpolation_factor)
@@ -172,11 +172,11 @@ def build_llama_model(
 def build_gpt2_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
     seed: int = 1234, backend: str = "auto", vp_stage: int | None = None, unpadded_vocab_size: int | None = None,
-    tie_embeddings: bool = True,
+    tie_embeddings: bool = True, attention: str = "sdpa",
 ) -> GPTModel:
     """GPT-2-style GPTModel (LayerNorm, GELU, biases, learned positions; tied embeddings unless not
     ``tie_embeddings``); arguments as :func:`build_llama_model`."""
     if config.normalization != "LayerNorm" or config.gated_linear_unit:
         raise ValueError("build_gpt2_model needs a GPT-2-style config (use gpt2_config)")
     return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
-                  position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tie_embeddings)
+                  attention, position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tie_embeddings)

@@ -4,9 +4,10 @@ Built from megatron-core's own GPT layer specs, so attention, bias-dropout-add
 and checkpoint key maps stay Megatron's; only the linears (and, where Megatron
 fuses the norm into the linear, the norms) are replaced.
 
-Backends: "local" (torch norms + Megatron's ``DotProductAttention``; runs on CPU)
-and "te" (Transformer Engine ``TENorm`` and ``TEDotProductAttention``). "auto"
-picks "te" when ``transformer_engine`` is importable.
+Backends: "local" (torch norms; runs on CPU) and "te" (Transformer Engine ``TENorm``). "auto"
+picks "te" when ``transformer_engine`` is importable. Core attention (``attention``): "sdpa"
+(:class:`~.attention.SDPAttention`, PyTorch's fused attention: no ``S x S`` matrix; the default),
+"local" (Megatron's ``DotProductAttention``) or "te" (``TEDotProductAttention``, with the te backend).
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from torch import nn
 
 from ..poet.config import POETConfig
 from . import compat
+from .attention import SDPAttention
 from .layers import POETColumnParallelLinear, POETRowParallelLinear
 
 BACKENDS = ("auto", "local", "te")
+ATTENTION = ("sdpa", "local", "te")
 
 
 class LocalNorm(nn.Module):
@@ -73,31 +76,57 @@ def resolve_backend(backend: str) -> str:
 
 
 def gpt_layer_spec(
-    poet: POETConfig | None, normalization: str = "RMSNorm", backend: str = "auto", qk_layernorm: bool = False
+    poet: POETConfig | None, normalization: str = "RMSNorm", backend: str = "auto", qk_layernorm: bool = False,
+    attention: str = "sdpa",
 ) -> ModuleSpec:
     """A TransformerLayer spec; ``poet=None`` keeps Megatron's linears (the AdamW baseline).
 
     Args:
         poet: POET options of the four linears, or None.
         normalization: "RMSNorm" (Llama) or "LayerNorm" (GPT-2).
-        backend: "auto", "local" or "te" (see module docstring).
+        backend: "auto", "local" or "te"; attention: "sdpa", "local" or "te" (see module docstring).
         qk_layernorm: normalize queries and keys (Megatron option).
     """
-    spec, _ = _layer_spec_and_norm(poet, normalization, resolve_backend(backend), qk_layernorm)
+    spec, _ = _layer_spec_and_norm(poet, normalization, resolve_backend(backend), qk_layernorm, attention)
     return spec
 
 
-def gpt_block_spec(config, poet: POETConfig | None, backend: str = "auto") -> TransformerBlockSubmodules:
+def gpt_block_spec(config, poet: POETConfig | None, backend: str = "auto",
+                   attention: str = "sdpa") -> TransformerBlockSubmodules:
     """Block spec for GPTModel: this pipeline stage's layers plus a final norm of the same backend.
 
     (Given only a layer spec, GPTModel would pick Megatron's default final norm,
     which refuses sequence parallelism on CPU.)
     """
-    layer, norm = _layer_spec_and_norm(poet, config.normalization, resolve_backend(backend), config.qk_layernorm)
+    layer, norm = _layer_spec_and_norm(poet, config.normalization, resolve_backend(backend), config.qk_layernorm,
+                                       attention)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=norm)
 
 
-def _layer_spec_and_norm(poet, normalization, backend, qk_layernorm):
+def _core_attention(attention: str, backend: str):
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "sdpa":
+        return SDPAttention
+    if attention == "te":
+        if backend != "te":
+            raise ValueError("the te attention backend needs Transformer Engine (the te layer backend)")
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
+
+
+def _layer_spec_and_norm(poet, normalization, backend, qk_layernorm, attention="sdpa"):
+    spec, norm = _linears_and_norms(poet, normalization, backend, qk_layernorm)
+    self_attention = compat.replace_submodules(spec.submodules.self_attention,
+                                               core_attention=_core_attention(attention, backend))
+    return compat.replace_submodules(spec, self_attention=self_attention), norm
+
+
+def _linears_and_norms(poet, normalization, backend, qk_layernorm):
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec

@@ -111,9 +111,9 @@ def cayley_neumann(packed: torch.Tensor, block_size: int, neumann_terms: int | N
     (``megatron_poet.kernels``; disable with ``MEGATRON_POET_KERNELS=0``), else PyTorch.
     """
     if _kernels.cayley_neumann_supported(packed, block_size, neumann_terms):
-        from megatron_poet.kernels.cayley_neumann import cayley_neumann as fused
+        from megatron_poet.kernels import library  # the kernel as a custom op (opaque to torch.compile)
 
-        return fused(packed, block_size, neumann_terms)
+        return library.cayley_neumann_forward(packed, block_size, neumann_terms)
     return cayley_neumann_from_skew(skew_from_packed(packed, block_size), neumann_terms)
 
 

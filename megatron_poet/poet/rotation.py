@@ -24,6 +24,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _ops():
+    """The kernels as custom ops (``torch.ops.megatron_poet``): opaque to ``torch.compile``."""
+    from megatron_poet.kernels import library
+
+    return library
+
+
 def _use_kernels(x: torch.Tensor, blocks: torch.Tensor, segment: int) -> bool:
     return segment == blocks.shape[-1] and _kernels.rotation_supported(x, blocks)
 
@@ -69,9 +76,7 @@ def input_rotation(x: torch.Tensor, perm: torch.Tensor, blocks: torch.Tensor,
     returns it (a by-product the backward can reuse); the kernels gather in their loads (``None``)."""
     x2 = _rows(x)
     if _use_kernels(x2, blocks, segment):
-        from megatron_poet.kernels.rotation_ops import rotate_rows
-
-        return rotate_rows(x2.contiguous(), blocks, in_cols=perm).view(x.shape), None
+        return _ops().rotate_rows(x2.contiguous(), blocks, False, perm, None).view(x.shape), None
     xp = _gather(x2, perm)
     return rotate_covered(xp, blocks, segment).view(x.shape), xp.view(x.shape)
 
@@ -81,9 +86,7 @@ def output_rotation(h: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor, s
     """``y = Pi^T BD(G) h`` ``(..., d)`` for ``h`` in permuted order (``y[..., perm[i]] = (BD(G) h)[..., i]``)."""
     h2 = _rows(h)
     if _use_kernels(h2, blocks, segment):
-        from megatron_poet.kernels.rotation_ops import rotate_rows
-
-        return rotate_rows(h2.contiguous(), blocks, out_cols=perm).view(h.shape)
+        return _ops().rotate_rows(h2.contiguous(), blocks, False, None, perm).view(h.shape)
     return _gather(rotate_covered(h2, blocks, segment), _inverse(perm, inv_perm)).view(h.shape)
 
 
@@ -97,9 +100,7 @@ def block_outer(a: torch.Tensor, c: torch.Tensor, blocks: torch.Tensor, segment:
     """
     n, b, _ = blocks.shape
     if _use_kernels(a, blocks, segment):
-        from megatron_poet.kernels.rotation_ops import block_grads
-
-        return block_grads(a.contiguous(), c.contiguous(), n, b, a_cols=a_cols, c_cols=c_cols)
+        return _ops().block_grads(a.contiguous(), c.contiguous(), n, b, a_cols, c_cols)
     a = a if a_cols is None else _gather(a, a_cols)
     c = c if c_cols is None else _gather(c, c_cols)
     n_rows = a.shape[0]
@@ -123,9 +124,7 @@ def input_side_grads(
     if not need_input_grad:
         return None, grad_blocks
     if _use_kernels(gz2, blocks, segment):
-        from megatron_poet.kernels.rotation_ops import rotate_rows
-
-        grad_x = rotate_rows(gz2.contiguous(), blocks, transpose=True, out_cols=perm)
+        grad_x = _ops().rotate_rows(gz2.contiguous(), blocks, True, None, perm)
     else:
         grad_x = _gather(rotate_covered(gz2, blocks, segment, transpose=True), _inverse(perm, inv_perm))
     return grad_x.view(grad_z.shape), grad_blocks
@@ -143,9 +142,7 @@ def output_side_grads(
     gy2 = _rows(grad_y.to(blocks.dtype))
     other, other_cols = (_rows(h), None) if h is not None else (_rows(y), perm)
     if _use_kernels(gy2, blocks, segment):
-        from megatron_poet.kernels.rotation_ops import rotate_rows
-
-        grad_h = rotate_rows(gy2.contiguous(), blocks, transpose=True, in_cols=perm)
+        grad_h = _ops().rotate_rows(gy2.contiguous(), blocks, True, perm, None)
         outer = block_outer(gy2, other, blocks, segment, a_cols=perm, c_cols=other_cols)
     else:
         gu = _gather(gy2, perm)  # gathered once, used twice

@@ -2,7 +2,7 @@
 
 The blocks ``G = CN(skew)`` change only at the optimizer step, so within a step (opened by
 :func:`begin_step`, which the training engines call before each global batch) they are built
-once, at the first forward, and every micro-batch's forward and backward uses that one tensor:
+once, when the step opens, and every micro-batch's forward and backward uses that one tensor:
 a leaf whose ``.grad`` accumulates the micro-batches' block gradients. When the step's last
 backward pass has delivered its block gradient, the side takes it through the Cayley–Neumann
 series once, inside that backward pass (a nested ``torch.autograd.backward``), so ``skew`` gets
@@ -84,8 +84,8 @@ class OrthogonalSide(nn.Module):
         self.register_buffer("inv_perm", torch.empty(dim, dtype=torch.long, device=device), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_inverse())
         self.set_permutation(self.draw_permutation(generator))
-        self._step_blocks: torch.Tensor | None = None  # this step's blocks (a leaf), built at the first forward
-        self._step_passes: int | None = None  # backward passes the open step expects (None: no step open)
+        self._step_blocks: torch.Tensor | None = None  # the open step's blocks, a leaf (None: no step open)
+        self._step_passes = 0  # backward passes the open step expects
         self._passes_seen = 0
 
     def draw_permutation(self, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -120,31 +120,32 @@ class OrthogonalSide(nn.Module):
         with them, differentiable towards ``skew`` (default: this side's; see the module docstring)."""
         if skew is not None and skew is not self.skew:
             return CayleyNeumannBlocks.apply(skew, self)
-        if self._step_passes is None:
-            if torch.is_grad_enabled() and self.skew.requires_grad:
-                return CayleyNeumannBlocks.apply(self.skew, self)
-            with torch.no_grad():
-                return self.build_blocks(self.skew)
-        if self._step_blocks is None:
-            with torch.no_grad():
-                blocks = self.build_blocks(self.skew)
-            if self.skew.requires_grad:
-                blocks.requires_grad_()
-                blocks.register_post_accumulate_grad_hook(self._block_gradient_accumulated)
-            self._step_blocks = blocks
-        return self._step_blocks
+        if self._step_blocks is not None:
+            return self._step_blocks
+        if torch.is_grad_enabled() and self.skew.requires_grad:
+            return CayleyNeumannBlocks.apply(self.skew, self)
+        with torch.no_grad():
+            return self.build_blocks(self.skew)
 
     def begin_step(self, backward_passes: int) -> None:
         """Open an optimizer step of ``backward_passes`` backward passes (micro-batches): its blocks are
-        built once; after the last pass, ``skew`` gets the step's gradient (see the module docstring)."""
-        self._step_blocks, self._step_passes, self._passes_seen = None, backward_passes, 0
+        built now, once (a leaf that a compiled forward takes as an input); after the last pass, ``skew``
+        gets the step's gradient (see the module docstring). A side that is not trained opens none."""
+        self._step_blocks, self._passes_seen = None, 0
+        if not self.skew.requires_grad:
+            return
+        with torch.no_grad():
+            blocks = self.build_blocks(self.skew)
+        blocks.requires_grad_()
+        blocks.register_post_accumulate_grad_hook(self._block_gradient_accumulated)
+        self._step_blocks, self._step_passes = blocks, backward_passes
 
     def _block_gradient_accumulated(self, blocks: torch.Tensor) -> None:
         self._passes_seen += 1
         if self._passes_seen < self._step_passes:
             return
         grad, blocks.grad = blocks.grad, None
-        self._step_blocks, self._step_passes = None, None  # the step's forward passes are over
+        self._step_blocks = None  # the step's forward passes are over
         with torch.profiler.record_function("poet::cayley_neumann_backward"):
             with torch.enable_grad():  # (backward runs without grad mode) one pass through the series
                 graph = self.build_blocks(self.skew)
@@ -154,7 +155,7 @@ class OrthogonalSide(nn.Module):
     def restart(self, perm: torch.Tensor) -> None:
         """Back to the identity with permutation ``perm`` (after a merge)."""
         self.skew.zero_()
-        self._step_blocks, self._step_passes = None, None
+        self._step_blocks = None
         self.set_permutation(perm)
 
     @torch.no_grad()

@@ -9,11 +9,14 @@ Hugging Face Llama- or GPT-2-family model needs to be represented exactly.
 - ``--rotary-seq-len-interpolation-factor F``: linear RoPE position interpolation (positions / F).
 - ``--openai-gelu``: GPT-2's tanh-approximated GELU (Hugging Face's ``gelu_new``) instead of erf GELU.
 
-All of them change the model's function, so checkpoints record them (:data:`FLAGS`).
+All of them change the model's function, so checkpoints record them (:data:`FLAGS`). Also here,
+changing how, not what, the model computes: ``--attention-backend`` (Megatron-LM's flag; see
+:mod:`megatron_poet.megatron.spec`) and ``--compile``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 # Argument names recorded in checkpoints (they define the function; see megatron_poet.checkpoint.record).
 FLAGS = ("norm_epsilon", "untie_embeddings_and_output_weights", "use_rope_scaling", "rope_scaling_factor",
@@ -35,13 +38,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="with --use-rope-scaling")
     g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
                    help="linear RoPE position interpolation: positions are divided by this factor")
+    g.add_argument("--attention-backend", choices=("sdpa", "local", "te", "auto", "flash", "fused", "unfused"),
+                   default="auto",
+                   help="core attention: sdpa (PyTorch's fused attention, no SxS matrix), local (Megatron's "
+                        "DotProductAttention, materializes SxS), te (Transformer Engine's); Megatron-LM's names "
+                        "also work: auto -> sdpa, flash/fused -> te, unfused -> local")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile every transformer layer (Inductor: C++ on CPUs, Triton on GPUs; POET's "
+                        "kernels stay custom ops); the first iterations pay the compilation")
     g.add_argument("--openai-gelu", action="store_true",
                    help="gpt2 style: GPT-2's tanh-approximated GELU (Hugging Face 'gelu_new') instead of erf GELU")
+
+
+ATTENTION_ALIASES = {"auto": "sdpa", "flash": "te", "fused": "te", "unfused": "local"}
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
     if args.untie_embeddings_and_output_weights is None:
         args.untie_embeddings_and_output_weights = args.model_style == "llama"
+    args.attention_backend = ATTENTION_ALIASES.get(args.attention_backend, args.attention_backend)
 
 
 def argument_errors(args: argparse.Namespace) -> list[str]:
@@ -54,6 +69,9 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
         errors.append("give either --use-rope-scaling or --rotary-seq-len-interpolation-factor, not both")
     if args.model_style != "gpt2" and args.openai_gelu:
         errors.append("--openai-gelu needs --model-style gpt2 (llama style uses SwiGLU)")
+    if args.attention_backend == "te" and importlib.util.find_spec("transformer_engine") is None:
+        errors.append("--attention-backend te needs Transformer Engine (pip install -e \".[te]\" on a GPU machine); "
+                      "use sdpa or local")
     if not args.norm_epsilon > 0:
         errors.append(f"--norm-epsilon must be > 0, got {args.norm_epsilon}")
     for flag, value in (("--rope-scaling-factor", args.rope_scaling_factor),

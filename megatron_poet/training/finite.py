@@ -97,27 +97,31 @@ class IterationGuard:
         self.total = 0
         self._first_skipped = 0
 
-    def loss_verdict(self, loss: BatchLoss | None) -> str | None:
-        """Why this iteration's update must be skipped because of its loss (``None``: it may be applied).
+    def loss_verdict(self, loss: BatchLoss | None, signal: bool = False) -> tuple[str | None, bool]:
+        """``(why this iteration's update must be skipped because of its loss or None, whether any rank
+        got a stop signal)``.
 
-        Collective over all ranks; ``loss`` is ``None`` off the last pipeline stage.
+        One collective over all ranks, read back once: the non-finite and spike flags (computed on the
+        device from the loss) and this rank's ``signal`` flag, maximized. ``loss`` is ``None`` off the
+        last pipeline stage.
         """
         args = self.args
-        if not (args.check_for_nan_in_loss_and_grad or args.loss_spike_factor):
-            return None
-        flags = torch.zeros(2, device=device())  # [non-finite, spike]
+        flags = torch.zeros(3, device=device())  # [non-finite, spike, signal]
+        flags[2] = float(signal)
         if loss is not None:
-            value = loss.mean()
-            flags[0] = args.check_for_nan_in_loss_and_grad and not math.isfinite(value)
-            full = len(self.window) == self.window.maxlen
-            flags[1] = bool(args.loss_spike_factor and full and value > args.loss_spike_factor * self.mean())
+            value = loss.pair[0] / loss.pair[1].clamp(min=1)
+            if args.check_for_nan_in_loss_and_grad:
+                flags[0] = (~torch.isfinite(value)).float()
+            if args.loss_spike_factor and len(self.window) == self.window.maxlen:
+                flags[1] = (value > args.loss_spike_factor * self.mean()).float()
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        if flags[0]:
-            return "the loss is not finite"
-        if flags[1]:
+        nonfinite, spike, stop = (bool(f) for f in flags.tolist())
+        if nonfinite:
+            return "the loss is not finite", stop
+        if spike:
             return (f"loss spike: above --loss-spike-factor {args.loss_spike_factor:g} x the mean of the last "
-                    f"{len(self.window)} applied iterations")
-        return None
+                    f"{len(self.window)} applied iterations"), stop
+        return None, stop
 
     def mean(self) -> float:
         return sum(self.window) / max(len(self.window), 1)

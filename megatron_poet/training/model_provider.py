@@ -68,7 +68,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
     config = config or transformer_config(args)
     # The real vocabulary: its padding is zero and masked, so it never changes the model.
     common = dict(seed=args.seed, vp_stage=vp_stage, unpadded_vocab_size=getattr(args, "vocab_size_unpadded", None),
-                  tie_embeddings=not args.untie_embeddings_and_output_weights)
+                  tie_embeddings=not args.untie_embeddings_and_output_weights, attention=args.attention_backend)
     if args.model_style == "llama":
         model = build_llama_model(config, poet_config(args), vocab_size, args.max_position_embeddings,
                                   rotary_base=args.rotary_base,
@@ -79,6 +79,9 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)
     enable_run_fp8(args, model)
+    if args.compile:
+        for layer in model.decoder.layers:  # one compiled graph per layer: sdpa attention breaks none
+            layer.compile()
     return model
 
 

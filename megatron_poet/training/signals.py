@@ -1,14 +1,14 @@
 """SIGTERM/SIGINT: finish the current iteration, save a checkpoint, exit.
 
 A scheduler (SLURM, Kubernetes) or Ctrl-C sends the signal to every rank, but
-not necessarily at the same iteration; :meth:`SignalHandler.should_stop` takes
-the maximum over all ranks so every rank stops (and saves) at the same one.
+not necessarily at the same iteration; the training loop takes the maximum of
+:attr:`SignalHandler.received` over all ranks in the iteration's one flag reduction
+(:meth:`~megatron_poet.training.finite.IterationGuard.loss_verdict`), so every rank
+stops (and saves) at the same iteration.
 """
 from __future__ import annotations
 
 import signal
-
-import torch
 
 
 class SignalHandler:
@@ -22,14 +22,6 @@ class SignalHandler:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
-
-    def should_stop(self) -> bool:
-        """Whether any rank got a signal (a collective: call on every rank at the same point)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if torch.cuda.is_available():
-            flag = flag.cuda()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

@@ -71,7 +71,7 @@ def train(
                 j = merge_scheduler.steps_since_merge + 1  # j-th step after the last merge
                 engine.set_clip_scale(min(1.0, j / args.poet_clip_ramp_iters))
             loss = engine.train_batch(train_iterator)
-            verdict = guard.loss_verdict(loss)
+            verdict, stop = guard.loss_verdict(loss, signal=signals.received is not None)
             result = engine.step(skip=verdict is not None)
             state.iteration += 1
             state.consumed_samples += args.global_batch_size
@@ -110,7 +110,6 @@ def train(
                     val = evaluate(args, engine, make_valid_iterator)
                 if val is not None:
                     logger.validation(state.iteration, val)
-            stop = signals.should_stop()
             exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
             if args.save and (state.iteration % args.save_interval == 0 or last or exit_now
                               or (stop and args.save_on_signal)):
