@@ -10,6 +10,9 @@ Two parts, both printed as Markdown tables:
    - parameters / ``A0`` / gradients / optimizer state: bytes of the distinct storages of the
      trainable parameters, the frozen ``A0`` buffers (and fp32 masters), the DDP gradient
      buffers, and the optimizer's state and main parameters;
+   - POET step blocks: the Cayley–Neumann blocks of every side, built once per optimizer step
+     (float32, ``d x b`` per side) and their accumulated gradient, alive from the step's first
+     forward to its last backward (megatron_poet.poet.side);
    - saved for backward: distinct storages packed by autograd
      (``torch.autograd.graph.saved_tensors_hooks``) during the second step's forward, not
      counting parameters and buffers (saving those keeps nothing alive); "token-independent"
@@ -59,6 +62,7 @@ class Ledger:
     a0: int = 0
     gradients: int = 0
     optimizer: int = 0
+    blocks: int = 0  # POET's step blocks (one fp32 tensor per side, shared by the step's micro-batches) + their grad
     saved: int = 0
     saved_token_independent: int = 0
     saved_model: float = 0.0  # the activation model's count for the same config (computed ledgers)
@@ -187,9 +191,16 @@ def measure(argv: list[str]) -> Ledger:
         state += [p for g in inner.param_groups for p in g["params"]]  # main params (bf16 / distributed)
     ledger.optimizer = sum(n for p, n in _storage_bytes(state).items() if p not in known)
     ledger.init_transient = max((_init_transient(m) for m in poet_modules(model)), default=0.0)
+    ledger.blocks = 2 * sum(side.num_blocks * side.block_size ** 2 * 4 for side in _sides(model))
     del model, engine, params, a0, grads, state
     gc.collect()
     return ledger
+
+
+def _sides(model):
+    from megatron_poet.poet.side import OrthogonalSide
+
+    return [m for m in model.modules() if isinstance(m, OrthogonalSide)]
 
 
 def _forward_saved(ddp, args, micro_batch: int, gen) -> int:
@@ -261,18 +272,21 @@ def computed_ledger(model: str, tp: int, dp: int, method: str, seq: int, micro_b
     shapes = linear_shapes(h, ffn, heads, kv_heads)
     linear = layers * sum(i * o for i, o, _ in shapes) / tp
     other = 2 * vocab * h / tp + (2 * layers + 1) * h  # embeddings and output layer (vocab-parallel), norms
+    blocks = 0.0
     if method == "AdamW":
         trainable, a0 = linear + other, 0.0
     else:  # skew parameters: the replicated side whole, the sharded side 1/tp
-        skews = sum((i + o / tp if col else i / tp + o) * (block - 1) / 2 for i, o, col in shapes) * layers
+        side_dims = sum((i + o / tp if col else i / tp + o) for i, o, col in shapes) * layers
+        skews = side_dims * (block - 1) / 2
         trainable, a0 = skews + other, 2 * linear + (4 * linear / dp if master else 0)
+        blocks = 2 * 4 * side_dims * block  # fp32 step blocks (d x b per side) and their gradient
     tokens = seq * micro_batch
     kv = kv_heads * (h // heads)
     saved = saved_bytes_model(h, ffn, kv, layers, vocab, tokens, method, tp, 2)
     transient = max(tokens * 10 * vocab / tp, 2 * tokens * saved_bytes_per_token_layer(h, ffn, kv, method, tp, 2))
     ledger = Ledger(parameters=int(2 * trainable), a0=int(a0), gradients=int(4 * trainable),
-                    optimizer=int(12 * trainable / dp), saved=int(saved))
-    ledger.peak = ledger.static + ledger.saved + int(transient)
+                    optimizer=int(12 * trainable / dp), blocks=int(blocks), saved=int(saved))
+    ledger.peak = ledger.static + ledger.blocks + ledger.saved + int(transient)
     return ledger
 
 
@@ -288,14 +302,15 @@ def print_measured(ledgers: dict[str, Ledger], config: list[str]) -> None:
     for name, ledger in ledgers.items():  # the activation model of the computed ledgers, evaluated here
         ledger.saved_model = saved_bytes_model(
             args.hidden_size, args.ffn_hidden_size, args.num_query_groups * args.kv_channels, args.num_layers,
-            args.vocab_size, args.seq_length * args.micro_batch_size, name, 1, 4, "local",
-            args.num_attention_heads, args.seq_length)
+            args.vocab_size, args.seq_length * args.micro_batch_size, name, 1, 4,
+            "local" if args.attention_backend == "local" else "flash", args.num_attention_heads, args.seq_length)
     base = ledgers["AdamW"]
     print(f"### Measured: {' '.join(config)} (fp32, CPU, tensor memory in MiB)\n")
     print("| category | " + " | ".join(ledgers) + " |")
     print("|---" * (len(ledgers) + 1) + "|")
     rows = [("parameters (trainable)", "parameters"), ("A0 (frozen)", "a0"), ("gradients", "gradients"),
-            ("optimizer state", "optimizer"), ("static total", "static"), ("saved for backward", "saved"),
+            ("optimizer state", "optimizer"), ("static total", "static"),
+            ("POET step blocks + their gradient", "blocks"), ("saved for backward", "saved"),
             ("  of it token-independent", "saved_token_independent"),
             ("  activation model of the computed ledgers", "saved_model"), ("peak", "peak"),
             ("peak RSS (process)", "peak_rss")]
@@ -310,13 +325,14 @@ def print_measured(ledgers: dict[str, Ledger], config: list[str]) -> None:
 def print_computed(models: list[str], layouts: list[tuple[int, int]], seq: int, micro_batch: int, block: int) -> None:
     print(f"### Computed: bf16 mixed precision, distributed optimizer, seq {seq}, micro-batch {micro_batch}, "
           f"POET block {block} (GB = 1e9 bytes per GPU)\n")
-    print("| model | TP x DP | method | params | A0 | grads | optimizer | saved for backward | peak | fits 80 GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | TP x DP | method | params | A0 | grads | optimizer | step blocks | saved for backward | peak "
+          "| fits 80 GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in models:
         for tp, dp in layouts:
             for method in ("AdamW", "POET fast", "POET mem"):
                 led = computed_ledger(model, tp, dp, method, seq, micro_batch, block)
-                cells = [led.parameters, led.a0, led.gradients, led.optimizer, led.saved, led.peak]
+                cells = [led.parameters, led.a0, led.gradients, led.optimizer, led.blocks, led.saved, led.peak]
                 print(f"| {model} | {tp} x {dp} | {method} | " + " | ".join(f"{c / 1e9:.1f}" for c in cells)
                       + f" | {'yes' if led.peak <= 80e9 else 'no'} |")
     print()

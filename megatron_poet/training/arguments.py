@@ -15,7 +15,7 @@ from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
 from megatron_poet.poet.cayley import MAX_ORTHOGONALITY_ERROR, ORTHOGONALITY_WARNING
 from megatron_poet.poet.init import INIT_SCHEMES
 
-from . import architecture, checkpoint_args, fp8, metrics, profiling
+from . import architecture, checkpoint_args, fp8, metrics, profiling, recompute
 from .engine import deepspeed_config
 from .flag_help import document
 
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
 
     architecture.add_arguments(p)
+    recompute.add_arguments(p)
     deepspeed_config.add_arguments(p)
     fp8.add_arguments(p)
     profiling.add_arguments(p)
@@ -340,6 +341,7 @@ def validate_args(args: argparse.Namespace) -> None:
          f"gpt2 style's learned position table has no row for the later positions; raise "
          f"--max-position-embeddings or lower --seq-length")
     errors += architecture.argument_errors(args)
+    errors += recompute.argument_errors(args)
     errors += checkpoint_args.argument_errors(args)
     errors += deepspeed_config.deepspeed_arg_errors(args)
     errors += profiling.argument_errors(args)

@@ -12,6 +12,7 @@ import argparse
 
 import torch
 
+from . import recompute
 from .arguments import poet_config
 from .fp8 import enable_run_fp8, transformer_fp8_fields
 
@@ -34,6 +35,7 @@ def transformer_config(args: argparse.Namespace):
         bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False,
         layernorm_epsilon=args.norm_epsilon,
+        **recompute.config_fields(args),
         **transformer_fp8_fields(args),
     )
     if args.model_style == "llama":
