@@ -87,7 +87,8 @@ def _storage_bytes(tensors) -> dict[int, int]:
 
 class SavedTensorCounter:
     """Context: counts the distinct storages autograd saves during ``model``'s forward passes,
-    except the model's parameters and buffers (saving those keeps nothing alive). Backward-time
+    except the model's parameters and buffers and POET's step blocks (leaves requiring grad, counted
+    in their own row): saving those keeps nothing alive. Backward-time
     saves (e.g. the blocks rebuilt to differentiate the Cayley–Neumann map) are transient: not counted."""
 
     def __init__(self, model: torch.nn.Module):
@@ -95,7 +96,7 @@ class SavedTensorCounter:
         self.exclude = set(_storage_bytes(list(model.parameters()) + list(model.buffers())))
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if self.active:
+        if self.active and not (t.requires_grad and t.grad_fn is None):
             self.seen.update({p: n for p, n in _storage_bytes([t]).items() if p not in self.exclude})
         return t
 
@@ -205,8 +206,10 @@ def _sides(model):
 
 def _forward_saved(ddp, args, micro_batch: int, gen) -> int:
     """Bytes autograd keeps for backward after one forward of ``micro_batch`` sequences."""
+    from megatron_poet.poet.side import begin_step
     from megatron_poet.training.engine.base import forward_step
 
+    begin_step(ddp.module, 1)  # as in training: the step's blocks are leaves, not saved per micro-batch
     with SavedTensorCounter(ddp.module) as counter:
         losses, _ = forward_step(iter([_batch(args, micro_batch, gen)]), ddp)
         losses.sum()

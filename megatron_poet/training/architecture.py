@@ -53,10 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 ATTENTION_ALIASES = {"auto": "sdpa", "flash": "te", "fused": "te", "unfused": "local"}
 
 
+def attention_backend(args: argparse.Namespace) -> str:
+    """"sdpa", "local" or "te" from ``--attention-backend`` (Megatron-LM's names resolved)."""
+    return ATTENTION_ALIASES.get(args.attention_backend, args.attention_backend)
+
+
 def fill_defaults(args: argparse.Namespace) -> None:
     if args.untie_embeddings_and_output_weights is None:
         args.untie_embeddings_and_output_weights = args.model_style == "llama"
-    args.attention_backend = ATTENTION_ALIASES.get(args.attention_backend, args.attention_backend)
+    args.attention_backend = attention_backend(args)
 
 
 def argument_errors(args: argparse.Namespace) -> list[str]:

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from . import recompute
+from . import architecture, recompute
 from .arguments import poet_config
 from .fp8 import enable_run_fp8, transformer_fp8_fields
 
@@ -70,7 +70,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
     config = config or transformer_config(args)
     # The real vocabulary: its padding is zero and masked, so it never changes the model.
     common = dict(seed=args.seed, vp_stage=vp_stage, unpadded_vocab_size=getattr(args, "vocab_size_unpadded", None),
-                  tie_embeddings=not args.untie_embeddings_and_output_weights, attention=args.attention_backend)
+                  tie_embeddings=not args.untie_embeddings_and_output_weights, attention=architecture.attention_backend(args))
     if args.model_style == "llama":
         model = build_llama_model(config, poet_config(args), vocab_size, args.max_position_embeddings,
                                   rotary_base=args.rotary_base,

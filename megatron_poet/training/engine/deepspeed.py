@@ -112,7 +112,9 @@ class DeepSpeedEngine(TrainingEngine):
 
     def _run(self, data_iterator: Iterator[dict], backward: bool) -> BatchLoss | None:
         count = num_microbatches(self.args)
-        if backward:  # POET blocks: built once, differentiated once, per step
+        # POET blocks built once and differentiated once per step; not under ZeRO-3, where ``skew``
+        # exists only while its (leaf) layer runs, so each forward builds its blocks.
+        if backward and self.zero_stage < 3:
             begin_step(self.engine.module, count)
         outputs = []
         for i in range(count):
