@@ -39,7 +39,7 @@ SEQ, GLOBAL_BATCH, VOCAB, STEPS, MERGE_EVERY = 16, 4, 128, 5, 2
 
 
 # --------------------------------------------------------------------------- worker side
-def _model(tp: int, sp: bool, variant: str = "bs", mode: str = "fast"):
+def _model(tp: int, sp: bool, variant: str = "bs", mode: str = "fast", storage: str = "native"):
     import torch
     from megatron_poet.megatron.model import build_llama_model, llama_config
     from megatron_poet.poet.config import POETConfig
@@ -50,7 +50,8 @@ def _model(tp: int, sp: bool, variant: str = "bs", mode: str = "fast"):
         params_dtype=torch.float32,
     )
     block = 8 if variant == "bs" else 12  # fs: one 12-subset per permutation group (of 16 to 64 features)
-    poet = POETConfig(block_size=block, neumann_terms=3, permutation_groups=2, variant=variant, mode=mode)
+    poet = POETConfig(block_size=block, neumann_terms=3, permutation_groups=2, variant=variant, mode=mode,
+                      a0_storage=storage, a0_group_size=16)
     return build_llama_model(config, poet, VOCAB, SEQ, seed=7, backend="local")
 
 
@@ -99,7 +100,8 @@ def _replicated_factors_identical(model) -> bool:
     return same
 
 
-def _train(tag: str, tp: int, sp: bool, out_dir: Path, load_from: Path | None, variant: str, mode: str) -> dict:
+def _train(tag: str, tp: int, sp: bool, out_dir: Path, load_from: Path | None, variant: str, mode: str,
+           storage: str = "native") -> dict:
     import torch
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -114,7 +116,7 @@ def _train(tag: str, tp: int, sp: bool, out_dir: Path, load_from: Path | None, v
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     model_parallel_cuda_manual_seed(1)
-    model = _model(tp, sp, variant, mode)
+    model = _model(tp, sp, variant, mode, storage)
     config = model.config
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     config.finalize_model_grads_func = finalize_model_grads
@@ -170,7 +172,7 @@ def _train(tag: str, tp: int, sp: bool, out_dir: Path, load_from: Path | None, v
 
     if load_from is not None:
         # Load the other layout's checkpoint into a freshly built model (different A0 seed).
-        fresh = _model(tp, sp, variant, mode)
+        fresh = _model(tp, sp, variant, mode, storage)
         for layer in _poet_layers(fresh):
             layer.initialize(999)
         fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(load_from)))
@@ -279,17 +281,19 @@ def _worker(job: str, out_dir: str) -> None:
 
     out = Path(out_dir)
     initialize_distributed(1, 1, seed=1)
-    runs = {  # name: tp, sequence parallel, checkpoint to load afterwards, variant, mode
+    runs = {  # name: tp, sequence parallel, checkpoint to load afterwards, variant, mode[, A0 storage]
         "tp2": [("tp2", 2, False, None, "bs", "fast"), ("tp2sp", 2, True, None, "bs", "fast"),
-                ("tp2sp_mem", 2, True, None, "bs", "mem"), ("tp2fs_mem", 2, False, None, "fs", "mem")],
+                ("tp2sp_mem", 2, True, None, "bs", "mem"), ("tp2fs_mem", 2, False, None, "fs", "mem"),
+                ("tp2_int8", 2, True, None, "bs", "fast", "int8")],
         "tp1": [("tp1", 1, False, out / "ckpt_tp2", "bs", "fast"),
-                ("tp1fs", 1, False, out / "ckpt_tp2fs_mem", "fs", "fast")],
+                ("tp1fs", 1, False, out / "ckpt_tp2fs_mem", "fs", "fast"),
+                ("tp1_int8", 1, False, out / "ckpt_tp2_int8", "bs", "mem", "int8")],
         "tp2dp2": [("tp2dp2", 2, False, out / "ckpt_tp1", "bs", "fast"),
                    ("tp2dp2sp", 2, True, out / "ckpt_tp1", "bs", "fast")],
     }[job]
     results = {}
-    for name, tp, sp, load_from, variant, mode in runs:
-        results[name] = _train(name, tp, sp, out, load_from, variant, mode)
+    for name, *run in runs:
+        results[name] = _train(name, *run[:2], out, *run[2:])
     if job == "tp2":
         results["spectrum"] = _spectrum_after_merges(1000)
     if job == "tp2dp2":
@@ -340,7 +344,7 @@ def test_tp_layouts_agree(tmp_path):
     assert r["tp1"]["merges"] == 2  # the runs span two merges
     # "mem" recomputes what "fast" keeps: the same function, so the same losses.
     for reference, names in (("tp1", ("tp2", "tp2sp", "tp2sp_mem", "tp2dp2", "tp2dp2sp")),
-                             ("tp1fs", ("tp2fs_mem",))):
+                             ("tp1fs", ("tp2fs_mem",)), ("tp1_int8", ("tp2_int8",))):
         want = r[reference]["losses"]
         assert want[-1] < want[0]  # it trains
         for name in names:
@@ -365,7 +369,8 @@ def test_tp_layouts_agree(tmp_path):
     assert r["master"] == {"sharded_master_same": True, "sharded_master_reloaded": True}, r["master"]
 
     # TP=2 checkpoints loaded at TP=1, and TP=1 checkpoint loaded at TP=2 (x DP=2, with and without SP).
-    for name in ("tp1", "tp1fs", "tp2dp2", "tp2dp2sp"):
+    # 8-bit A0: the codes and scales reshard with it (TP=2 + SP saved, TP=1 loaded).
+    for name in ("tp1", "tp1fs", "tp1_int8", "tp2dp2", "tp2dp2sp"):
         assert r[name]["load_logits_maxdiff"] < 1e-5, (name, r[name]["load_logits_maxdiff"])
         assert r[name]["load_weights_maxdiff"] < 1e-6, (name, r[name]["load_weights_maxdiff"])
 

@@ -40,6 +40,25 @@ def test_measured_ledger_meets_the_targets(capsys):
         assert abs(ledger.saved_model / ledger.saved - 1) < 0.05, (ledger.saved_model, ledger.saved)
 
 
+def test_computed_poet_memory_flags():
+    """8-bit ``A0``: 1 byte per linear weight plus 8 bytes per group of 256 (3.6e9 linear weights at POET-X's
+    3B shape); full recomputation keeps one hidden-size input per layer and token (bf16); with one
+    micro-batch and full recomputation no blocks stay between layers, with several the step holds
+    them and their gradient (fp32, d x b per side)."""
+    from megatron_poet.memory_ledger import POETX, computed_ledger, linear_shapes
+
+    config, seq, _ = POETX["POET-X 3B"]
+    layers, h, ffn, heads, kv_heads, vocab = config
+    linear = layers * sum(i * o for i, o, _ in linear_shapes(h, ffn, heads, kv_heads))
+    sides = layers * sum(i + o for i, o, _ in linear_shapes(h, ffn, heads, kv_heads))
+    native = computed_ledger(config, 1, 1, "POET mem", seq, 1, 256, microbatches=1)
+    int8 = computed_ledger(config, 1, 1, "POET mem", seq, 1, 256, storage="int8", recompute=True, microbatches=1)
+    assert native.a0 == int(2 * linear) and int8.a0 == int(linear * (1 + 8 / 256))
+    assert int8.saved == seq * (layers * h * 2 + 3 * h * 2 + 4 * vocab)
+    assert int8.blocks == 0 and native.blocks == 4 * sides * 256
+    assert computed_ledger(config, 1, 1, "POET mem", seq, 1, 256, microbatches=4).blocks == 2 * 4 * sides * 256
+
+
 def test_computed_llama_8b_on_one_80gb_gpu():
     tool = load_tool()
     adamw = tool.computed_ledger("Llama-8B", 1, 1, "AdamW", 2048, 1, 256)

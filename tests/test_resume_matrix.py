@@ -33,6 +33,8 @@ CASES = {
     "distopt-dp2-bf16-master": ["--use-distributed-optimizer", *BF16_MASTER],
     "distopt-tp2-bf16": ["--use-distributed-optimizer", "--tensor-model-parallel-size", "2", "--bf16"],
     "ddp-tp2-bf16-master": ["--tensor-model-parallel-size", "2", *BF16_MASTER],
+    "distopt-tp2-bf16-int8": ["--use-distributed-optimizer", "--tensor-model-parallel-size", "2", "--bf16",
+                              "--poet-a0-storage", "int8", "--poet-a0-group-size", "16"],
     "zero1-dp2-bf16": ["--zero-stage", "1", "--bf16"],
     "zero2-dp2-fp32": ["--zero-stage", "2"],
     "zero3-dp2-bf16": ["--deepspeed", "--deepspeed-config", "ZERO3", "--bf16"],

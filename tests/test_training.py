@@ -253,6 +253,13 @@ def _parse(argv: list[str], world_size: int = 1):
     (["--train-iters", "10", "--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 < --lr-decay-iters 10"),
     (["--async-save", "--zero-stage", "1", "--save", "ckpt"], 1, "--async-save uses megatron-core's asynchronous"),
     (["--async-save"], 1, "--async-save needs --save DIR"),
+    (["--poet-a0-storage", "int8", "--zero-stage", "1"], 1, "--poet-a0-storage int8 is implemented for the megatron"),
+    (["--poet-a0-storage", "int8", "--fp8-format", "e4m3"], 1, "would hold a second (FP8) copy of every A0"),
+    (["--hidden-size", "64", "--poet-block-size", "16", "--poet-a0-storage", "int8", "--poet-a0-group-size", "48"], 1,
+     "input features 64 are not a multiple of the A0 quantization group size 48"),
+    (["--hidden-size", "64", "--ffn-hidden-size", "128", "--poet-block-size", "16", "--tensor-model-parallel-size", "2",
+      "--poet-permutation-groups", "4", "--poet-a0-storage", "int8", "--poet-a0-group-size", "32"], 2,
+     "'linear_proj': input_size=64: the A0 quantization group size 32 does not divide the permutation group size 16"),
 ])
 def test_bad_sizes_fail_before_work(argv, world, message):
     from megatron_poet.training.arguments import ArgumentError

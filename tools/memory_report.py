@@ -44,35 +44,19 @@ import socket
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
+
+from megatron_poet.memory_ledger import (
+    LADDER, LLAMA, POETX, Ledger, computed_ledger, parameter_count, saved_bytes_model,
+)
 
 MiB = 2**20
 CPU_CONFIG = ["--num-layers", "4", "--hidden-size", "1024", "--seq-length", "256", "--micro-batch-size", "2",
               "--mock-data", "--vocab-size", "8192", "--num-attention-heads", "4"]
-VARIANTS = {"AdamW": ["--no-poet"], "POET fast": ["--poet-mode", "fast"], "POET mem": ["--poet-mode", "mem"]}
-
-
-@dataclass
-class Ledger:
-    """Bytes per category of one run (see the module docstring)."""
-
-    parameters: int = 0
-    a0: int = 0
-    gradients: int = 0
-    optimizer: int = 0
-    blocks: int = 0  # POET's step blocks (one fp32 tensor per side, shared by the step's micro-batches) + their grad
-    saved: int = 0
-    saved_token_independent: int = 0
-    saved_model: float = 0.0  # the activation model's count for the same config (computed ledgers)
-    peak: int = 0
-    peak_rss: int = 0
-    init_transient: float = 0.0  # x the layer's A0
-
-    @property
-    def static(self) -> int:
-        return self.parameters + self.a0 + self.gradients + self.optimizer
+VARIANTS = {"AdamW": ["--no-poet"], "POET fast": ["--poet-mode", "fast"], "POET mem": ["--poet-mode", "mem"],
+            "POET mem int8": ["--poet-mode", "mem", "--poet-a0-storage", "int8"]}
 
 
 def _storage_bytes(tensors) -> dict[int, int]:
@@ -87,8 +71,8 @@ def _storage_bytes(tensors) -> dict[int, int]:
 
 class SavedTensorCounter:
     """Context: counts the distinct storages autograd saves during ``model``'s forward passes,
-    except the model's parameters and buffers and POET's step blocks (leaves requiring grad, counted
-    in their own row): saving those keeps nothing alive. Backward-time
+    except the model's parameters and buffers and POET's blocks (counted in their own row): saving
+    those keeps nothing alive. Backward-time
     saves (e.g. the blocks rebuilt to differentiate the Cayley–Neumann map) are transient: not counted."""
 
     def __init__(self, model: torch.nn.Module):
@@ -96,7 +80,7 @@ class SavedTensorCounter:
         self.exclude = set(_storage_bytes(list(model.parameters()) + list(model.buffers())))
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if self.active and not (t.requires_grad and t.grad_fn is None):
+        if self.active and not _is_poet_blocks(t):
             self.seen.update({p: n for p, n in _storage_bytes([t]).items() if p not in self.exclude})
         return t
 
@@ -156,7 +140,10 @@ def measure(argv: list[str]) -> Ledger:
     from megatron_poet.megatron.optimizer_state import leaf_optimizers
     from megatron_poet.poet.optim import poet_modules
     from megatron_poet.training.arguments import parse_args
+    from megatron_poet.poet.side import step_blocks_pay_off
     from megatron_poet.training.engine import build_engine
+    from megatron_poet.training.engine.base import num_microbatches
+    from megatron_poet.training.engine.base import num_microbatches
     from megatron_poet.training.model_provider import build_model, padded_vocab_size
 
     args = parse_args(argv, world_size=1)
@@ -167,8 +154,8 @@ def measure(argv: list[str]) -> Ledger:
         model = build_model(args, padded_vocab_size(args.vocab_size, args))
         engine = build_engine(args, [model])  # the program's megatron-core engine: DDP, optimizer, schedules
         params = [p for p in model.parameters() if p.requires_grad]
-        a0 = [t for m in poet_modules(model) for t in (m.frozen_weight, getattr(m, "frozen_master", None))
-              if t is not None]
+        a0 = [t for m in poet_modules(model) for t in (m.frozen_weight, m.frozen_scale, m.frozen_zero,
+                                                       getattr(m, "frozen_master", None)) if t is not None]
         grads = [p.main_grad for p in params if getattr(p, "main_grad", None) is not None]
         for step in range(2):
             with SavedTensorCounter(model) as counter:
@@ -192,10 +179,19 @@ def measure(argv: list[str]) -> Ledger:
         state += [p for g in inner.param_groups for p in g["params"]]  # main params (bf16 / distributed)
     ledger.optimizer = sum(n for p, n in _storage_bytes(state).items() if p not in known)
     ledger.init_transient = max((_init_transient(m) for m in poet_modules(model)), default=0.0)
-    ledger.blocks = 2 * sum(side.num_blocks * side.block_size ** 2 * 4 for side in _sides(model))
+    # Held for the whole step with their gradient, or (one micro-batch) from each layer's forward to its backward.
+    copies = 2 if step_blocks_pay_off(num_microbatches(args), args.compile) else 1
+    ledger.blocks = copies * sum(side.num_blocks * side.block_size ** 2 * 4 for side in _sides(model))
     del model, engine, params, a0, grads, state
     gc.collect()
     return ledger
+
+
+def _is_poet_blocks(t: torch.Tensor) -> bool:
+    """A step's blocks (a leaf requiring grad: only parameters and they are) or blocks built by a forward."""
+    if t.grad_fn is None:
+        return t.requires_grad
+    return type(t.grad_fn).__name__ == "CayleyNeumannBlocksBackward"
 
 
 def _sides(model):
@@ -206,10 +202,8 @@ def _sides(model):
 
 def _forward_saved(ddp, args, micro_batch: int, gen) -> int:
     """Bytes autograd keeps for backward after one forward of ``micro_batch`` sequences."""
-    from megatron_poet.poet.side import begin_step
     from megatron_poet.training.engine.base import forward_step
 
-    begin_step(ddp.module, 1)  # as in training: the step's blocks are leaves, not saved per micro-batch
     with SavedTensorCounter(ddp.module) as counter:
         losses, _ = forward_step(iter([_batch(args, micro_batch, gen)]), ddp)
         losses.sum()
@@ -226,73 +220,6 @@ def _init_transient(layer) -> float:
     return profiled_peak(prof) / (layer.frozen_weight.numel() * layer.frozen_weight.element_size())
 
 
-# ----------------------------------------------------------------------------- computed ledgers
-# Llama-shaped configs: (layers, hidden, ffn, attention heads, key/value heads, vocabulary).
-# 1B = Llama-3.2-1B, 8B = Llama-3-8B, 13B = Llama-2-13B; 20B is Llama-3-like at 20.3B parameters.
-LLAMA = {"Llama-1B": (16, 2048, 8192, 32, 8, 128256), "Llama-8B": (32, 4096, 14336, 32, 8, 128256),
-         "Llama-13B": (40, 5120, 13824, 40, 40, 32000), "Llama-20B": (48, 6144, 16384, 48, 8, 128256)}
-
-
-def linear_shapes(h: int, ffn: int, heads: int, kv_heads: int) -> list[tuple[int, int, bool]]:
-    """``(d_in, d_out, column_parallel)`` of a layer's qkv, proj, fc1 (SwiGLU: 2 ffn), fc2."""
-    kv = kv_heads * (h // heads)
-    return [(h, h + 2 * kv, True), (h, h, False), (h, 2 * ffn, True), (ffn, h, False)]
-
-
-def saved_bytes_per_token_layer(h: int, ffn: int, kv: int, method: str, tp: int, act: int,
-                                attention: str = "flash", heads: int = 0, seq: int = 0) -> float:
-    """Bytes one transformer layer keeps for backward per token, per GPU (sequence parallel when tp > 1).
-
-    Elements, as megatron's local layer spec keeps them (checked against the measurement on CPU):
-    per RMSNorm its input and the normalized input (2 x 2h), qkv input h, qkv output h+2kv
-    (kept by the value view), q and k after RoPE h+kv, attention output = proj input h
-    ("local" attention also keeps the softmax probabilities, heads x seq; flash attention only a
-    log-sum-exp), fc1 input h, fc1 output 2 ffn (SwiGLU input) and three ffn-sized SwiGLU
-    intermediates (the last is fc2's input). POET keeps the same linear inputs (``R``'s gathered
-    input instead of the linear's input) plus ``P``'s input for the two row-parallel linears
-    (2h) in "fast" mode, and in "mem" mode at tp > 1 (recomputing it would repeat the
-    all-reduce); the column-parallel ``P`` keeps its output, which attention and SwiGLU keep anyway.
-    """
-    elems = 4 * h + h + (h + 2 * kv) + (h + kv) + h + h + 2 * ffn + 3 * ffn
-    if attention == "local":
-        elems += heads * seq
-    if method == "POET fast" or (method == "POET mem" and tp > 1):
-        elems += 2 * h
-    return elems * act / tp
-
-
-def saved_bytes_model(h: int, ffn: int, kv: int, layers: int, vocab: int, tokens: int, method: str, tp: int,
-                      act: int, attention: str = "flash", heads: int = 0, seq: int = 0) -> float:
-    """All layers plus the final norm (input, normalized, output) and the loss's float32 softmax."""
-    per_token = layers * saved_bytes_per_token_layer(h, ffn, kv, method, tp, act, attention, heads, seq)
-    return tokens * (per_token + (3 * h * act + 4 * vocab) / tp)
-
-
-def computed_ledger(model: str, tp: int, dp: int, method: str, seq: int, micro_batch: int, block: int,
-                    master: bool = False) -> Ledger:
-    """Per-GPU bytes for ``model`` in bf16 with megatron's mixed precision and the distributed optimizer."""
-    layers, h, ffn, heads, kv_heads, vocab = LLAMA[model]
-    shapes = linear_shapes(h, ffn, heads, kv_heads)
-    linear = layers * sum(i * o for i, o, _ in shapes) / tp
-    other = 2 * vocab * h / tp + (2 * layers + 1) * h  # embeddings and output layer (vocab-parallel), norms
-    blocks = 0.0
-    if method == "AdamW":
-        trainable, a0 = linear + other, 0.0
-    else:  # skew parameters: the replicated side whole, the sharded side 1/tp
-        side_dims = sum((i + o / tp if col else i / tp + o) for i, o, col in shapes) * layers
-        skews = side_dims * (block - 1) / 2
-        trainable, a0 = skews + other, 2 * linear + (4 * linear / dp if master else 0)
-        blocks = 2 * 4 * side_dims * block  # fp32 step blocks (d x b per side) and their gradient
-    tokens = seq * micro_batch
-    kv = kv_heads * (h // heads)
-    saved = saved_bytes_model(h, ffn, kv, layers, vocab, tokens, method, tp, 2)
-    transient = max(tokens * 10 * vocab / tp, 2 * tokens * saved_bytes_per_token_layer(h, ffn, kv, method, tp, 2))
-    ledger = Ledger(parameters=int(2 * trainable), a0=int(a0), gradients=int(4 * trainable),
-                    optimizer=int(12 * trainable / dp), blocks=int(blocks), saved=int(saved))
-    ledger.peak = ledger.static + ledger.blocks + ledger.saved + int(transient)
-    return ledger
-
-
 # ----------------------------------------------------------------------------- report
 def _ratio(value: float, base: float) -> str:
     return f" ({value / base:.2f}x)" if base else ""
@@ -305,7 +232,7 @@ def print_measured(ledgers: dict[str, Ledger], config: list[str]) -> None:
     for name, ledger in ledgers.items():  # the activation model of the computed ledgers, evaluated here
         ledger.saved_model = saved_bytes_model(
             args.hidden_size, args.ffn_hidden_size, args.num_query_groups * args.kv_channels, args.num_layers,
-            args.vocab_size, args.seq_length * args.micro_batch_size, name, 1, 4,
+            args.vocab_size, args.seq_length * args.micro_batch_size, name.removesuffix(" int8"), 1, 4,
             "local" if args.attention_backend == "local" else "flash", args.num_attention_heads, args.seq_length)
     base = ledgers["AdamW"]
     print(f"### Measured: {' '.join(config)} (fp32, CPU, tensor memory in MiB)\n")
@@ -339,6 +266,53 @@ def print_computed(models: list[str], layouts: list[tuple[int, int]], seq: int, 
                 print(f"| {model} | {tp} x {dp} | {method} | " + " | ".join(f"{c / 1e9:.1f}" for c in cells)
                       + f" | {'yes' if led.peak <= 80e9 else 'no'} |")
     print()
+
+
+# Our configurations beside POET-X's published ones: (label, method, A0 storage, full recompute, POET-X column).
+POETX_ROWS = (("AdamW", "AdamW", "native", False, "AdamW"), ("POET fast", "POET fast", "native", False, "fast"),
+              ("POET mem, full recompute", "POET mem", "native", True, "mem"),
+              ("POET mem, full recompute, int8 A0", "POET mem", "int8", True, "XQ"))
+
+
+def print_poetx(block: int) -> None:
+    """The computed ledger at POET-X's own configurations (one GPU, batch 1, bf16) beside its published peaks."""
+    print(f"### Computed at POET-X's configurations (one GPU, batch 1, POET block {block}) vs POET-X's published "
+          "peaks on one H100 (GB = 1e9 bytes)\n")
+    print("| config | params | seq | ours | A0 | step blocks | saved for backward | peak | POET-X | published "
+          "| ours / published |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, (config, seq, published) in POETX.items():
+        for label, method, storage, recompute, theirs in POETX_ROWS:
+            led = computed_ledger(config, 1, 1, method, seq, 1, block, storage=storage, recompute=recompute,
+                                  microbatches=1)
+            figure = published[theirs]
+            ratio = f"{led.peak / 1e9 / figure:.2f}" if figure else "-"
+            print(f"| {name} | {parameter_count(config) / 1e9:.2f}B | {seq} | {label} | {led.a0 / 1e9:.1f} | "
+                  f"{led.blocks / 1e9:.1f} | {led.saved / 1e9:.1f} | {led.peak / 1e9:.1f} | "
+                  f"{'POET-X ' + theirs if theirs != 'AdamW' else 'AdamW'} | {figure or 'out of memory'} | {ratio} |")
+    print()
+
+
+def print_largest(seq: int, block: int, budget: float = 80e9) -> None:
+    """Which Llama of :data:`LADDER` fits one GPU of ``budget`` bytes, per method (batch 1, best memory flags)."""
+    methods = [("AdamW, full recompute", "AdamW", "native"), ("POET mem, bf16 A0", "POET mem", "native"),
+               ("POET mem, int8 A0", "POET mem", "int8")]
+    print(f"### Computed: the largest Llama on one {budget / 1e9:.0f} GB GPU (seq {seq}, batch 1, full recompute, "
+          f"POET block {block}; peak GB)\n")
+    print("| model | params | " + " | ".join(label for label, _, _ in methods) + " |")
+    print("|---|---|" + "---|" * len(methods))
+    largest = {}
+    for name, config in LADDER.items():
+        cells = []
+        for label, method, storage in methods:
+            peak = computed_ledger(config, 1, 1, method, seq, 1, block, storage=storage, recompute=True,
+                                   microbatches=1).peak
+            if peak <= budget:
+                largest[label] = name
+            cells.append(f"{peak / 1e9:.1f}" + ("" if peak <= budget else " (no)"))
+        print(f"| {name} | {parameter_count(LADDER[name]) / 1e9:.1f}B | " + " | ".join(cells) + " |")
+    print("\nlargest that fits: " + "; ".join(f"{label}: {largest.get(label, 'none')}" for label, _, _ in methods)
+          + "\n")
 
 
 def _measure_in_subprocess(name: str, config: list[str]) -> Ledger:
@@ -386,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Ledger]:
         print_measured(ledgers, config)
     if not ours.no_compute:
         print_computed(list(LLAMA), [(1, 1), (1, 8), (8, 1), (8, 8)], ours.seq_length_large, 1, ours.block_size_large)
+        print_poetx(ours.block_size_large)
+        print_largest(ours.seq_length_large, ours.block_size_large)
     return ledgers
 
 

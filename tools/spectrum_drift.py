@@ -10,8 +10,10 @@ value relative to ``sigma_max``, the largest change relative to that singular va
 so this column is large for any bf16 copy; the master's row shows the spectrum it keeps),
 and the layer's ``A0`` norm drift (the figure the training log shows).
 
-Rows: fp32 ``A0`` for every Neumann order, bf16 ``A0`` with and without the fp32 master, and,
-for contrast, fp32 with the blocks ``G`` themselves folded (the merge before the polar fold).
+Rows: fp32 ``A0`` for every Neumann order, bf16 ``A0`` with and without the fp32 master, 8-bit
+``A0`` (``--poet-a0-storage int8``, requantized at every merge) with two group sizes, and, for
+contrast, fp32 with the blocks ``G`` themselves folded (the merge before the polar fold). A second
+table gives each storage's error on the initial ``A0`` (relative Frobenius, against float64).
 
 Example (the table in docs/POET.md)::
 
@@ -24,6 +26,7 @@ import argparse
 import torch
 
 from megatron_poet import POETLinear
+from megatron_poet.poet.a0_storage import stored_bytes_per_entry
 from megatron_poet.poet.merge import permuted_copy
 
 
@@ -71,12 +74,13 @@ def _changes(start: torch.Tensor, end: torch.Tensor) -> tuple[float, float]:
 
 
 def drift(dim: int, block: int, k: int | None, dtype: torch.dtype, master: bool, fold_g: bool,
-          merges: int, error: float, seed: int) -> list[tuple[str, float, float, float, float]]:
+          merges: int, error: float, seed: int, group: int | None = None) -> list[tuple[str, float, float, float, float]]:
     """Rows ``(what, change / sigma_max, max change / sigma, A0 norm drift, largest orthogonality error)``
     for the layer's weight and, with ``master``, for the fp32 master itself."""
     gen = torch.Generator().manual_seed(seed)
+    storage = dict(a0_storage="int8", a0_group_size=group) if group else {}
     layer = POETLinear(dim, dim, bias=False, block_size=block, neumann_terms=k, dtype=dtype,
-                       fp32_master_a0=master, generator=gen)
+                       fp32_master_a0=master, generator=gen, **storage)
     start = torch.linalg.svdvals(layer.effective_weight().double())
     start_master = torch.linalg.svdvals(layer.frozen_master.double()) if master else None
     scale = noise_scale(layer, error, gen) if k is not None else 0.05
@@ -89,6 +93,21 @@ def drift(dim: int, block: int, k: int | None, dtype: torch.dtype, master: bool,
     return rows
 
 
+STORAGE_GROUPS = (64, 256)
+
+
+def storage_errors(dim: int, seed: int) -> list[tuple[str, float, float]]:
+    """``(storage, bytes per entry, ||A0_stored - A0||_F / ||A0||_F)`` of a ``dim x dim`` initial ``A0``."""
+    exact = POETLinear(dim, dim, bias=False, dtype=torch.float64, generator=torch.Generator().manual_seed(seed),
+                       block_size=2).dense_a0()
+    rows = [("bf16", 2.0, exact.bfloat16().double())]
+    for group in STORAGE_GROUPS:
+        layer = POETLinear(dim, dim, bias=False, block_size=2, generator=torch.Generator().manual_seed(seed),
+                           a0_storage="int8", a0_group_size=group)
+        rows.append((f"int8, groups of {group}", stored_bytes_per_entry("int8", 1, group), layer.dense_a0().double()))
+    return [(label, nbytes, (a0 - exact).norm().item() / exact.norm().item()) for label, nbytes, a0 in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--merges", type=int, default=1000)
@@ -98,20 +117,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)  # many tiny ops
-    rows = [(f"fp32, k={k}", k, torch.float32, False, False) for k in (1, 2, 3, 4)]
-    rows += [("fp32, exact Cayley", None, torch.float32, False, False),
-             ("bf16, k=3", 3, torch.bfloat16, False, False),
-             ("bf16 + fp32 master, k=3", 3, torch.bfloat16, True, False),
-             ("fp32, k=3, folding G itself (previous merge)", 3, torch.float32, False, True)]
+    rows = [(f"fp32, k={k}", k, torch.float32, False, False, None) for k in (1, 2, 3, 4)]
+    rows += [("fp32, exact Cayley", None, torch.float32, False, False, None),
+             ("bf16, k=3", 3, torch.bfloat16, False, False, None),
+             ("bf16 + fp32 master, k=3", 3, torch.bfloat16, True, False, None),
+             *((f"int8 A0, groups of {g}, k=3", 3, torch.float32, False, False, g) for g in STORAGE_GROUPS),
+             ("fp32, k=3, folding G itself (previous merge)", 3, torch.float32, False, True, None)]
     print(f"# {args.merges} merges, {args.dim}x{args.dim}, b={args.block_size}, orthogonality error "
           f"~{args.error:g} per merge, seed {args.seed}")
     print("| configuration | max abs change / sigma_max | max relative change of a sigma | "
           "A0 norm drift | orthogonality error folded |")
     print("|---|---|---|---|---|")
-    for label, k, dtype, master, fold_g in rows:
+    for label, k, dtype, master, fold_g, group in rows:
         for what, rel_max, rel_each, norm, worst in drift(args.dim, args.block_size, k, dtype, master, fold_g,
-                                                          args.merges, args.error, args.seed):
+                                                          args.merges, args.error, args.seed, group):
             print(f"| {label}{what} | {rel_max:.2e} | {rel_each:.2e} | {norm:.2e} | {worst:.1e} |", flush=True)
+    print("\n| A0 storage | bytes per entry | relative error of the initial A0 |\n|---|---|---|")
+    for label, nbytes, err in storage_errors(args.dim, args.seed):
+        print(f"| {label} | {nbytes:.3f} | {err:.2e} |")
 
 
 if __name__ == "__main__":

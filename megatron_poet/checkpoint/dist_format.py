@@ -21,6 +21,7 @@ Files: ``metadata.json`` (JSON), ``common.pt`` (``torch.save``), ``.metadata`` (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 
@@ -66,6 +67,15 @@ def _sharded_state(args, model_chunks, optimizer, *, is_loading: bool, with_rng:
         sizes, ranks = layout()
         state["rng_state"] = ShardedObject("rng_state", None if is_loading else rng_state(), sizes, ranks, replica_id=0)
     return state
+
+
+def _canonical_a0(stack: contextlib.ExitStack, model_chunks) -> None:
+    """Every chunk's POET ``A0`` un-permuted in place until ``stack`` closes: saving or loading then holds
+    no copy of every ``A0`` (:func:`megatron_poet.megatron.layer_checkpoint.canonical_a0`)."""
+    from megatron_poet.megatron.layer_checkpoint import canonical_a0
+
+    for chunk in model_chunks:
+        stack.enter_context(canonical_a0(_unwrap(chunk)))
 
 
 def _read_error(path: str, err: Exception) -> CheckpointReadError:
@@ -121,7 +131,9 @@ class DistFormat(CheckpointFormat):
         self.finish_saves(blocking=True)  # one save at a time
         prepare(args.save, path)
         optimizer = engine.optimizer
-        with optimizer.saving():
+        with optimizer.saving(), contextlib.ExitStack() as stack:
+            if not args.async_save:  # (a forked writer's snapshot would copy the A0s the loop permutes back)
+                _canonical_a0(stack, engine.ddp_chunks)
             sharding_type = optimizer_sharding_type(args)
             state = _sharded_state(args, engine.ddp_chunks, optimizer, is_loading=False, with_rng=True,
                                    sharding_type=sharding_type)
@@ -153,12 +165,14 @@ class DistFormat(CheckpointFormat):
         args, optimizer, merges = engine.args, engine.optimizer, engine.merge_scheduler
         common = read_common_state(path)
         same_layout = tuple(common["layout"]) == layout()[0]
-        template = _sharded_state(args, engine.ddp_chunks, optimizer, is_loading=True, with_rng=same_layout,
-                                  sharding_type=common["optimizer_sharding_type"])
-        with restricted_loading(f"checkpoint {path}"):
-            state = dist_checkpointing.load(template, path)
-        for key, chunk in zip(_model_keys(engine.ddp_chunks), engine.ddp_chunks):
-            _unwrap(chunk).load_state_dict(state[key])
+        with contextlib.ExitStack() as stack:
+            _canonical_a0(stack, engine.ddp_chunks)
+            template = _sharded_state(args, engine.ddp_chunks, optimizer, is_loading=True, with_rng=same_layout,
+                                      sharding_type=common["optimizer_sharding_type"])
+            with restricted_loading(f"checkpoint {path}"):
+                state = dist_checkpointing.load(template, path)
+            for key, chunk in zip(_model_keys(engine.ddp_chunks), engine.ddp_chunks):
+                _unwrap(chunk).load_state_dict(state[key])
         if merges is not None:
             merges.load_state_dict(state["merge_scheduler"])
         optimizer.load_state_dict(state, merges.steps_since_merge if merges else 0)
@@ -188,6 +202,12 @@ class DistFormat(CheckpointFormat):
         """Only the model's own sharded tensors are requested, so the optimizer state is never read.
         Raises :class:`CheckpointReadError` when the checkpoint lacks tensors the model needs (e.g. a
         ``--no-poet`` checkpoint read into a POET model)."""
+        with contextlib.ExitStack() as stack:
+            _canonical_a0(stack, [model])
+            self._load_model_weights(model, path)
+
+    @staticmethod
+    def _load_model_weights(model: torch.nn.Module, path: str) -> None:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.serialization import load_sharded_metadata

@@ -16,6 +16,8 @@ SHAPE_ARGS = (
     # megatron_poet.training.architecture.FLAGS (checkpoints written before them hold the defaults)
     "norm_epsilon", "untie_embeddings_and_output_weights", "use_rope_scaling", "rope_scaling_factor",
     "rotary_seq_len_interpolation_factor", "openai_gelu",
+    # How A0 is stored (checkpoints written before 8-bit storage hold the native one).
+    "poet_a0_storage", "poet_a0_group_size",
 )
 # Recorded too, for tools reading the checkpoint (the export ships the tokenizer and the dropout).
 RECORDED_ARGS = ("tokenizer_type", "tokenizer_model", "hidden_dropout", "attention_dropout")
@@ -30,7 +32,7 @@ def saved_shape_args(saved: dict) -> dict:
     flags existed were built with (their values then) where it records none."""
     legacy = {"norm_epsilon": 1e-5, "untie_embeddings_and_output_weights": saved.get("model_style") == "llama",
               "use_rope_scaling": False, "rope_scaling_factor": 8.0, "rotary_seq_len_interpolation_factor": None,
-              "openai_gelu": False}
+              "openai_gelu": False, "poet_a0_storage": "native", "poet_a0_group_size": 256}
     return {name: saved.get(name, legacy.get(name)) for name in SHAPE_ARGS}
 
 

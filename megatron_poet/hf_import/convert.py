@@ -177,14 +177,16 @@ def _save(model, path: str, recorded: dict, source: str) -> None:
 
     from megatron_poet.checkpoint import checkpoint_dir, write_marker
     from megatron_poet.checkpoint.manifest import write_manifest
+    from megatron_poet.megatron.layer_checkpoint import canonical_a0
     from megatron_poet.training.process import prepare_checkpoint_results_queue
 
     prepare_checkpoint_results_queue(background_saves=False)  # else megatron spawns a Manager process
 
     target = checkpoint_dir(path, ITERATION)
     os.makedirs(target)
-    state = {"model": model.sharded_state_dict(), "args": recorded, "iteration": ITERATION, "consumed_samples": 0,
-             "model_only": True, "converted_from": source, "layout": (1, 1, 1), "merge_scheduler": None}
-    dist_checkpointing.save(state, target)
+    with canonical_a0(model):  # no second copy of the model's A0s
+        state = {"model": model.sharded_state_dict(), "args": recorded, "iteration": ITERATION, "consumed_samples": 0,
+                 "model_only": True, "converted_from": source, "layout": (1, 1, 1), "merge_scheduler": None}
+        dist_checkpointing.save(state, target)
     write_manifest(target)
     write_marker(path, ITERATION)

@@ -5,16 +5,24 @@ the un-permuted ``A0`` slice (float32 from the master when the layer keeps one, 
 layer's dtype), the sharded side's permutation is stored as the *global* indices it reads, and
 ``base_weight``, that permutation, the sharded side's skew blocks and ``frozen_init_sq_norms``
 are split along the TP axis (SwiGLU's ``linear_fc1``: gate and up halves separately), so a
-checkpoint reshards to any TP size dividing ``permutation_groups``. A master sharded over
+checkpoint reshards to any TP size dividing ``permutation_groups``. With 8-bit ``A0`` storage,
+``base_weight`` holds the uint8 codes un-permuted, and ``frozen_scale``/``frozen_zero`` their groups'
+scales with canonical rows; their columns follow the stored input order, which within each
+permutation group is the same at every TP size (the quantization group divides it), so they are
+split along the TP axis like ``base_weight``. A master sharded over
 data-parallel ranks is saved as each rank's piece of the same global ``base_weight``
 (no gather), so it also reloads at another DP size.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ..poet.merge import permuted_copy
+from ..poet.merge import permute_, permuted_copy
 from . import compat
+
+_QUANTIZATION_KEYS = ("frozen_scale", "frozen_zero")  # 8-bit A0 storage: per-group scales and zero points
 
 
 class MasterShard:
@@ -73,6 +81,38 @@ class MasterShard:
         return canonical if self.group is None else canonical.index_select(self.axis, self.index.to(canonical.device))
 
 
+@contextlib.contextmanager
+def canonical_a0(model: torch.nn.Module):
+    """Within: every tensor-parallel POET layer of ``model`` holds its ``A0`` (and 8-bit scales) un-permuted,
+    in place, so the state dicts taken inside refer to the layers' own storage instead of copying every
+    ``A0`` at once (one layer's transient at a time). On exit each layer is permuted back (exact: a
+    gather), except those a ``load_state_dict`` inside has filled with the loaded, pre-permuted ``A0``.
+    Layers keeping an fp32 master save the master and are left as they are.
+    """
+    layers = [m for m in model.modules() if getattr(m, "a0_canonical", None) is False and m.master is None
+              and not hasattr(m.frozen_weight, "ds_id")]
+    try:
+        for layer in layers:
+            _permute_a0_rows_and_cols(layer, layer.output_side.inv_perm, layer.input_side.inv_perm)
+            layer.a0_canonical = True
+        yield
+    finally:
+        for layer in layers:
+            if layer.a0_canonical:
+                _permute_a0_rows_and_cols(layer, layer.output_side.perm, layer.input_side.perm)
+                layer.a0_canonical = False
+
+
+@torch.no_grad()
+def _permute_a0_rows_and_cols(layer, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    permute_(layer.frozen_weight, rows, cols)
+    for name in _QUANTIZATION_KEYS if layer.frozen_scale is not None else ():
+        stored = getattr(layer, name)
+        stored.copy_(stored.index_select(0, rows))  # groups run along the stored columns: rows only
+    if layer.fp8 is not None:
+        layer.fp8.invalidate()
+
+
 def to_canonical_state(module, state_dict: dict, prefix: str, local_metadata) -> None:
     """State-dict post hook: ``A0`` un-permuted as ``base_weight``, the sharded permutation in global indices.
 
@@ -83,11 +123,15 @@ def to_canonical_state(module, state_dict: dict, prefix: str, local_metadata) ->
     if hasattr(module.frozen_weight, "ds_id"):
         return
     frozen = state_dict.pop(prefix + "frozen_weight")
-    if module.master is not None and module.master.group is None:
+    if module.a0_canonical:  # inside canonical_a0: the layer's own tensors are the canonical state
+        state_dict[prefix + "base_weight"] = frozen.detach()
+    elif module.master is not None and module.master.group is None:
         state_dict[prefix + "base_weight"] = module.frozen_master.detach()
     else:
         out_inv, in_inv = module.output_side.inv_perm, module.input_side.inv_perm
         state_dict[prefix + "base_weight"] = permuted_copy(frozen.detach(), out_inv, in_inv)
+    for key in _QUANTIZATION_KEYS if module.frozen_scale is not None and not module.a0_canonical else ():
+        state_dict[prefix + key] = state_dict[prefix + key].index_select(0, module.output_side.inv_perm)
     key = f"{prefix}{module._sharded_side_name()}.perm"
     state_dict[key] = module.sharded.to_canonical(state_dict[key])
 
@@ -114,6 +158,10 @@ def from_canonical_state(module, state_dict: dict, prefix: str, *args) -> None:
                 module.frozen_master.copy_(base)
                 base = module.master.gather(module.frozen_master)
     state_dict[prefix + "frozen_weight"] = permuted_copy(base, out_perm, in_perm)
+    module.a0_canonical = False  # what the layer holds after this load is pre-permuted (canonical_a0)
+    for key in _QUANTIZATION_KEYS if module.frozen_scale is not None else ():
+        if prefix + key in state_dict:  # (strict loading reports a missing one)
+            state_dict[prefix + key] = state_dict[prefix + key].index_select(0, out_perm)
     module.initialized = True
 
 
@@ -122,6 +170,8 @@ def sharded_poet_state_dict(module, prefix: str, sharded_offsets: tuple, metadat
     state = module.state_dict(prefix="", keep_vars=True)
     side = module._sharded_side_name()
     axis_map = {"base_weight": module.sharded_axis, f"{side}.perm": 0, f"{side}.skew": 0, "frozen_init_sq_norms": 0}
+    quantized = _QUANTIZATION_KEYS if module.frozen_scale is not None else ()
+    axis_map.update({key: module.sharded_axis for key in quantized})
     if module.column and module.bias is not None:
         axis_map["bias"] = 0
     dp_sharded = module.master is not None and module.master.group is not None
@@ -136,7 +186,7 @@ def sharded_poet_state_dict(module, prefix: str, sharded_offsets: tuple, metadat
             module.master.rank, module.master.size, sharded_offsets)
     if module.stride == 2:
         # MLP splits "weight"/"bias" of a gated linear_fc1 itself; the other sharded keys are ours.
-        for key in ("base_weight", f"{side}.perm", f"{side}.skew", "frozen_init_sq_norms"):
+        for key in ("base_weight", f"{side}.perm", f"{side}.skew", "frozen_init_sq_norms", *quantized):
             sharded[prefix + key] = compat.apply_swiglu_sharded_factory(
                 sharded[prefix + key], sharded_offsets, module.tp_group, metadata)
     return sharded

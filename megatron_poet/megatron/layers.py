@@ -34,7 +34,7 @@ from torch import nn
 from ..poet.config import POETConfig
 from ..poet.functional import frozen_linear, recomputed_poet_linear, rotate_input, rotate_output
 from ..poet.init import fill_frozen_weight
-from ..poet.linear import POETModule
+from ..poet.linear import POETModule, pick_rows
 from ..poet.side import OrthogonalSide
 from . import compat
 from .layer_checkpoint import MasterShard, from_canonical_state, sharded_poet_state_dict, to_canonical_state
@@ -125,9 +125,7 @@ class _POETParallelLinear(POETModule):
         segments = (None, self.sharded.segment) if self.column else (self.sharded.segment, None)
         self.input_side = OrthogonalSide(local_in, poet, what="input_size", segment=segments[0], **kw)
         self.output_side = OrthogonalSide(local_out, poet, what="output_size", segment=segments[1], **kw)
-        # A frozen parameter, not a buffer: DeepSpeed ZeRO-3 partitions parameters only (see POETModule).
-        self.frozen_weight = nn.Parameter(torch.zeros(local_out, local_in, dtype=dtype, device=device),
-                                          requires_grad=False)
+        self._register_a0(local_out, local_in, dtype, device, poet)
         self.register_buffer("frozen_init_sq_norms", torch.ones(self.sharded.local_size, device=device))
         self.master = MasterShard(self, poet) if poet.fp32_master_a0 else None
         self.register_buffer("frozen_master", self.master.empty(device) if self.master else None, persistent=False)
@@ -149,6 +147,7 @@ class _POETParallelLinear(POETModule):
             else:
                 self.bias.sequence_parallel = self.sequence_parallel
         self.initialized = False
+        self.a0_canonical = False  # A0 un-permuted in place for a checkpoint (layer_checkpoint.canonical_a0)
         self.register_state_dict_post_hook(to_canonical_state)
         self.register_load_state_dict_pre_hook(from_canonical_state)
 
@@ -184,8 +183,9 @@ class _POETParallelLinear(POETModule):
         replicated_side.set_permutation(draw_permutation(replicated_side.dim, mix_seed(seed, "replicated")))
         a0_seed = mix_seed(seed, "A0")
         shape = (self.output_size, self.input_size, self.poet.init, a0_seed)
-        fill_frozen_weight(self.frozen_weight, *shape, self.global_indices(self.output_side.perm, 0),
-                           self.global_indices(self.input_side.perm, 1))
+        rows, cols = self.global_indices(self.output_side.perm, 0), self.global_indices(self.input_side.perm, 1)
+        self._write_a0(lambda out, which: fill_frozen_weight(out, *shape, pick_rows(rows, which), cols), rows,
+                       whole_draws=self.poet.init == "uniform_spectrum")
         if self.master:
             fill_frozen_weight(self.frozen_master, *shape, *self.master.global_rows_and_cols())
         self._record_initial_norms()
@@ -223,13 +223,12 @@ class _POETParallelLinear(POETModule):
             side.skew.zero_()
         rows = self.global_indices(self.output_side.perm, 0).to(weight.device)
         cols = self.global_indices(self.input_side.perm, 1).to(weight.device)
-        self.frozen_weight.copy_(weight.index_select(0, rows).index_select(1, cols))
+        self._write_a0(lambda out, which: out.copy_(
+            weight.index_select(0, pick_rows(rows, which).to(weight.device)).index_select(1, cols)), rows)
         if self.master:
             master_rows, master_cols = self.master.global_rows_and_cols()
             self.frozen_master.copy_(weight.index_select(0, master_rows.to(weight.device))
                                      .index_select(1, master_cols.to(weight.device)))
-        if self.fp8 is not None:
-            self.fp8.invalidate()
         self._record_initial_norms()
         self.initialized = True
 
@@ -290,6 +289,7 @@ class _POETParallelLinear(POETModule):
             f"block_size={p.block_size}, neumann_terms={p.neumann_terms}, mode={p.mode}, variant={p.variant}, "
             f"permutation_groups={self.sharded.groups}, stride={self.stride}"
             + (f", fp32_master_a0 (1/{self.master.size} per DP rank)" if self.master else "")
+            + (f", a0_storage=int8 (groups of {p.a0_group_size})" if self.frozen_scale is not None else "")
         )
 
 
@@ -330,7 +330,7 @@ class POETColumnParallelLinear(_POETParallelLinear):
         if self._recompute():
             comm = _ReplicatedInputComm(self.tp_group, self.sequence_parallel) if self.tp_size > 1 else None
             y = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, comm=comm,
-                                       fp8=self.fp8)
+                                       gemm=self.frozen_gemm())
         else:
             z = rotate_input(input_, self.input_side)
             if self.sequence_parallel:
@@ -338,7 +338,7 @@ class POETColumnParallelLinear(_POETParallelLinear):
             elif self.tp_size > 1:
                 z = _ContiguousGrad.apply(compat.copy_to_tensor_model_parallel_region(z, group=self.tp_group))
             # Without a bias the consumer (attention, SwiGLU) keeps y anyway: saving it costs nothing.
-            y = rotate_output(frozen_linear(z, self.frozen_weight, self.fp8), self.output_side,
+            y = rotate_output(frozen_linear(z, self.frozen_weight, self.frozen_gemm()), self.output_side,
                               save_output=self.bias is None)
         y, bias = self._bias_output(y)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -382,11 +382,11 @@ class POETRowParallelLinear(_POETParallelLinear):
         self._check_ready(input_, self.sharded.local_size)
         if self._recompute() and self.tp_size == 1:  # nothing to reduce: recompute the whole layer
             return self._bias_output(
-                recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, fp8=self.fp8))
+                recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, gemm=self.frozen_gemm()))
         if self._recompute():
-            h = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, None, fp8=self.fp8)
+            h = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, None, gemm=self.frozen_gemm())
         else:
-            h = frozen_linear(rotate_input(input_, self.input_side), self.frozen_weight, self.fp8)
+            h = frozen_linear(rotate_input(input_, self.input_side), self.frozen_weight, self.frozen_gemm())
         if self.sequence_parallel:
             h = compat.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
         elif self.tp_size > 1:

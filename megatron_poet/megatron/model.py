@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..poet.a0_storage import group_problem
 from ..poet.config import POETConfig
 from . import compat
 from .layers import _POETParallelLinear
@@ -84,6 +85,8 @@ def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vo
             poet.num_blocks(config.hidden_size, "hidden_size", "linear_qkv/proj/fc1/fc2")
         except ValueError as err:
             errors.append(str(err))
+        if poet.a0_storage == "int8" and (problem := group_problem(config.hidden_size, poet.a0_group_size)):
+            errors.append(f"POET layers 'linear_qkv'/'linear_fc1': {problem}")
     if errors:
         raise ValueError("invalid model layout:\n  " + "\n  ".join(errors))
 

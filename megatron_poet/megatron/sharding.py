@@ -24,6 +24,8 @@ permutation does not cross.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..poet.config import POETConfig
@@ -83,6 +85,13 @@ class ShardedDimension:
                 f"{self.group_size} (= {self.part_size} / permutation_groups={groups}); per-rank shard is "
                 f"{self.part_size // tp_size} per part at tensor_model_parallel_size={tp_size}"
             )
+        if config.a0_storage == "int8" and what == "input_size" and self.group_size % config.a0_group_size:
+            # Quantization groups run along the stored input order: inside one permutation group they
+            # are the same at every TP size.
+            raise ValueError(
+                f"{where}: the A0 quantization group size {config.a0_group_size} does not divide the permutation "
+                f"group size {self.group_size} (= {self.part_size} / permutation_groups={groups})"
+            )
         self.parts, self.tp_size, self.tp_rank, self.groups = parts, tp_size, tp_rank, groups
         self.chunk = self.part_size // tp_size  # per-rank size of one part
         self.local_size = parts * self.chunk
@@ -134,9 +143,11 @@ def layout_free_permutation_groups(sharded: list[tuple[int, int]], config: POETC
     """
     if config.variant != "bs":
         return tp_size
+    # 8-bit A0: groups also hold whole quantization groups (needed on row-parallel inputs, asked of all).
+    unit = math.lcm(config.block_size, config.a0_group_size) if config.a0_storage == "int8" else config.block_size
     groups = max_groups
     while groups > 1 and not all(
-        size % (parts * groups * config.block_size) == 0 and size // (parts * groups) >= min_blocks * config.block_size
+        size % (parts * groups * unit) == 0 and size // (parts * groups) >= min_blocks * config.block_size
         for size, parts in sharded
     ):
         groups //= 2

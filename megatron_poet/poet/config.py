@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .a0_storage import STORAGES
 from .init import INIT_SCHEMES
 
 MODES = ("fast", "mem")
@@ -30,6 +31,9 @@ class POETConfig:
             layer's dtype once per merge instead of accumulating half-precision roundings).
         shard_fp32_master: tensor-parallel layers only: each data-parallel rank keeps
             ``1/DP`` of the master (gathered at merges), like the distributed optimizer's main params.
+        a0_storage: "native" (``A0`` in the parameter dtype) or "int8" (8-bit codes with a float32 scale
+            and zero point per ``a0_group_size`` entries of a row, POET-XQ's scheme; :mod:`.a0_storage`).
+        a0_group_size: entries per quantization group of "int8" storage.
     """
 
     block_size: int = 256
@@ -40,6 +44,8 @@ class POETConfig:
     permutation_groups: int | None = None
     fp32_master_a0: bool = False
     shard_fp32_master: bool = False
+    a0_storage: str = "native"
+    a0_group_size: int = 256
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 2:
@@ -62,6 +68,13 @@ class POETConfig:
             )
         if self.shard_fp32_master and not self.fp32_master_a0:
             raise ValueError("POET shard_fp32_master needs fp32_master_a0=True")
+        if self.a0_storage not in STORAGES:
+            raise ValueError(f"POET a0_storage must be one of {STORAGES}, got {self.a0_storage!r}")
+        if not isinstance(self.a0_group_size, int) or self.a0_group_size < 2:
+            raise ValueError(f"POET a0_group_size must be an integer >= 2, got {self.a0_group_size!r}")
+        if self.a0_storage == "int8" and self.fp32_master_a0:
+            raise ValueError("POET fp32_master_a0 keeps a master of a half-precision A0; int8 storage folds "
+                             "its dequantized values (use one or the other)")
 
     def num_blocks(self, dim: int, what: str = "dimension", layer: str | None = None) -> int:
         """Blocks on a side of size ``dim``; raises a ValueError naming the layer if invalid."""

@@ -7,7 +7,8 @@ The pieces are separate so the tensor-parallel layers can put communication betw
   path, where the gather is a separate pass anyway) and a reference to the blocks;
 - :func:`frozen_linear` (``h = A0' z``) saves nothing but a reference to ``A0'``: no weight
   gradient exists, so the GEMM and its input gradient (:func:`frozen_gemm`,
-  :func:`frozen_gemm_input_grad`) are the one place a different GEMM (e.g. FP8) plugs in;
+  :func:`frozen_gemm_input_grad`) are the one place a different GEMM plugs in (FP8, or the
+  dequantizing GEMM of an 8-bit ``A0'``: an object with ``forward`` and ``input_grad``);
 - :func:`rotate_output` (``y = Pi_out^T BD(G_P) h``) saves ``h``, or its own output ``y``
   (``save_output=True``: free when the next op keeps ``y`` anyway, as attention and SwiGLU do);
 - :func:`recomputed_poet_linear` ("mem" mode) saves only ``x`` and recomputes the rest in backward.
@@ -32,15 +33,15 @@ from .rotation import input_rotation, input_side_grads, output_rotation, output_
 from .side import OrthogonalSide
 
 
-def frozen_gemm(z: torch.Tensor, frozen_weight: torch.Tensor, fp8=None) -> torch.Tensor:
-    """``h = z A0'^T``: ``(..., d_in) -> (..., d_out)``; in FP8 with ``fp8`` (a layer's
-    :class:`~megatron_poet.poet.fp8.FP8FrozenGemm`)."""
-    return F.linear(z, frozen_weight) if fp8 is None else fp8.forward(z, frozen_weight)
+def frozen_gemm(z: torch.Tensor, frozen_weight: torch.Tensor, gemm=None) -> torch.Tensor:
+    """``h = z A0'^T``: ``(..., d_in) -> (..., d_out)``; through ``gemm`` when given (a layer's
+    :meth:`~megatron_poet.poet.linear.POETModule.frozen_gemm`: FP8, or dequantizing an 8-bit ``A0'``)."""
+    return F.linear(z, frozen_weight) if gemm is None else gemm.forward(z, frozen_weight)
 
 
-def frozen_gemm_input_grad(grad_h: torch.Tensor, frozen_weight: torch.Tensor, fp8=None) -> torch.Tensor:
-    """``dL/dz = dL/dh A0'``: ``(..., d_out) -> (..., d_in)`` (there is no weight gradient); FP8 with ``fp8``."""
-    return torch.matmul(grad_h, frozen_weight) if fp8 is None else fp8.input_grad(grad_h, frozen_weight)
+def frozen_gemm_input_grad(grad_h: torch.Tensor, frozen_weight: torch.Tensor, gemm=None) -> torch.Tensor:
+    """``dL/dz = dL/dh A0'``: ``(..., d_out) -> (..., d_in)`` (there is no weight gradient); through ``gemm`` when given."""
+    return torch.matmul(grad_h, frozen_weight) if gemm is None else gemm.input_grad(grad_h, frozen_weight)
 
 
 def _through_inverse(outer: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
@@ -73,15 +74,15 @@ def _block_grad(grad: torch.Tensor, blocks: torch.Tensor, needed: bool) -> torch
 
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, frozen_weight, fp8):
+    def forward(ctx, z, frozen_weight, gemm):
         ctx.save_for_backward(frozen_weight)  # a reference: the version counter catches a merge mid-step
-        ctx.fp8 = fp8
-        return frozen_gemm(z, frozen_weight, fp8)
+        ctx.gemm = gemm
+        return frozen_gemm(z, frozen_weight, gemm)
 
     @staticmethod
     def backward(ctx, grad_h):
         (frozen_weight,) = ctx.saved_tensors
-        return frozen_gemm_input_grad(grad_h, frozen_weight, ctx.fp8), None, None
+        return frozen_gemm_input_grad(grad_h, frozen_weight, ctx.gemm), None, None
 
 
 class _RotateOutput(torch.autograd.Function):
@@ -104,11 +105,11 @@ class _RotateOutput(torch.autograd.Function):
 
 class _RecomputedPOETLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out, inv_out, sides, comm, fp8):
+    def forward(ctx, x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out, inv_out, sides, comm, gemm):
         in_side, out_side = sides
         z, _ = input_rotation(x, perm_in, blocks_in.to(x.dtype), in_side.segment)
-        h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, fp8)
-        ctx.sides, ctx.comm, ctx.fp8 = sides, comm, fp8
+        h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, gemm)
+        ctx.sides, ctx.comm, ctx.gemm = sides, comm, gemm
         ctx.save_for_backward(x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out)
         if out_side is None:
             return h
@@ -123,11 +124,11 @@ class _RecomputedPOETLinear(torch.autograd.Function):
         z, x_perm = input_rotation(x, perm_in, g_r, in_side.segment)
         grad_h, grad_out = grad_y, None
         if out_side is not None:
-            h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, ctx.fp8)
+            h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, ctx.gemm)
             grad_h, grad_p = output_side_grads(grad_y, blocks_out.to(x.dtype), perm_out, out_side.segment, h=h)
             del h
             grad_out = _block_grad(grad_p, blocks_out, needs[5])
-        grad_z = frozen_gemm_input_grad(grad_h, frozen_weight, ctx.fp8)
+        grad_z = frozen_gemm_input_grad(grad_h, frozen_weight, ctx.gemm)
         if comm:
             grad_z = comm.backward(grad_z)
         del z
@@ -158,12 +159,13 @@ def rotate_input(x: torch.Tensor, side: OrthogonalSide, skew: torch.Tensor | Non
 
 
 @_profiled("poet::frozen_gemm")
-def frozen_linear(z: torch.Tensor, frozen_weight: torch.Tensor, fp8=None) -> torch.Tensor:
+def frozen_linear(z: torch.Tensor, frozen_weight: torch.Tensor, gemm=None) -> torch.Tensor:
     """``h = A0' z`` ``(..., d_in) -> (..., d_out)``; no gradient for ``A0'``, nothing saved but a reference.
 
-    ``fp8``: the layer's FP8 GEMM (:class:`~megatron_poet.poet.fp8.FP8FrozenGemm`) or None (bf16/fp32).
+    ``gemm``: the layer's frozen GEMM (:meth:`~megatron_poet.poet.linear.POETModule.frozen_gemm`) or None
+    (``F.linear`` on ``frozen_weight``).
     """
-    return _FrozenLinear.apply(z, frozen_weight, fp8)
+    return _FrozenLinear.apply(z, frozen_weight, gemm)
 
 
 @_profiled("poet::rotate_output")
@@ -176,27 +178,27 @@ def rotate_output(h: torch.Tensor, side: OrthogonalSide, *, save_output: bool = 
 @_profiled("poet::recomputed_linear")
 def recomputed_poet_linear(
     x: torch.Tensor, frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide | None,
-    *, comm=None, input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None, fp8=None,
+    *, comm=None, input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None, gemm=None,
 ) -> torch.Tensor:
     """"mem" mode: ``P A0' R x`` (or ``A0' R x`` without ``output_side``), saving only ``x``.
 
     ``comm`` (optional) sits between ``R`` and the GEMM: ``comm.forward(z)`` in forward (and
     again in the backward recomputation), ``comm.backward(grad)`` on the GEMM's input gradient
-    (the tensor-parallel layers pass their copy/all-gather here). ``fp8``: as :func:`frozen_linear`.
+    (the tensor-parallel layers pass their copy/all-gather here). ``gemm``: as :func:`frozen_linear`.
     Shapes ``(..., d_in) -> (..., d_out)``.
     """
     blocks_out = None if output_side is None else output_side.forward_blocks(output_skew)
     out_perms = (None, None) if output_side is None else (output_side.perm, output_side.inv_perm)
     return _RecomputedPOETLinear.apply(
         x, frozen_weight, input_side.forward_blocks(input_skew), input_side.perm, input_side.inv_perm,
-        blocks_out, *out_perms, (input_side, output_side), comm, fp8,
+        blocks_out, *out_perms, (input_side, output_side), comm, gemm,
     )
 
 
 def poet_linear(
     x: torch.Tensor, frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide,
     bias: torch.Tensor | None = None, *, recompute: bool = False,
-    input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None, fp8=None,
+    input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None, gemm=None,
 ) -> torch.Tensor:
     """POET forward, input-centric: ``(..., d_in) -> (..., d_out)``.
 
@@ -205,12 +207,12 @@ def poet_linear(
         input_side, output_side: ``R`` and ``P`` (their ``skew`` unless ``input_skew``/``output_skew`` given).
         bias: ``(d_out,)`` or None.
         recompute: "mem" mode (saves ``x`` only) instead of "fast" (saves ``x`` and ``h``).
-        fp8: the layer's FP8 GEMM for ``A0'`` (:func:`frozen_linear`) or None.
+        gemm: the layer's frozen GEMM for ``A0'`` (:func:`frozen_linear`) or None.
     """
     if recompute:
         y = recomputed_poet_linear(x, frozen_weight, input_side, output_side,
-                                   input_skew=input_skew, output_skew=output_skew, fp8=fp8)
+                                   input_skew=input_skew, output_skew=output_skew, gemm=gemm)
     else:
         z = rotate_input(x, input_side, input_skew)
-        y = rotate_output(frozen_linear(z, frozen_weight, fp8), output_side, skew=output_skew)
+        y = rotate_output(frozen_linear(z, frozen_weight, gemm), output_side, skew=output_skew)
     return y if bias is None else y + bias

@@ -166,6 +166,18 @@ class OrthogonalSide(nn.Module):
         return f"dim={self.dim}, num_blocks={self.num_blocks}, block_size={self.block_size}, segment={self.segment}"
 
 
+def step_blocks_pay_off(backward_passes: int, compiled: bool) -> bool:
+    """Whether the engines open a step (:func:`begin_step`) for ``backward_passes`` micro-batches.
+
+    From two micro-batches on, the series then runs once per step instead of once per micro-batch.
+    With one it runs once either way, and blocks built per forward are held only from the layer's
+    forward to its backward, their gradient only inside that backward (under full recomputation not
+    even between layers), where a step holds every side's blocks and gradient for the whole step.
+    A compiled forward takes the step's blocks as an input (building them inside breaks its graph).
+    """
+    return backward_passes > 1 or compiled
+
+
 def begin_step(model: nn.Module, backward_passes: int) -> None:
     """Open an optimizer step of ``backward_passes`` micro-batches on every POET side of ``model`` (the
     training engines call it before each global batch; see the module docstring)."""

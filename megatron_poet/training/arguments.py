@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 
+from megatron_poet.poet.a0_storage import STORAGES
 from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
 from megatron_poet.poet.cayley import MAX_ORTHOGONALITY_ERROR, ORTHOGONALITY_WARNING
 from megatron_poet.poet.init import INIT_SCHEMES
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--poet-fp32-master-a0", action="store_true",
                    help="with --bf16: keep an fp32 master copy of every A0 that merges fold, rounding to bf16 "
                         "once per merge (sharded over data-parallel ranks with --use-distributed-optimizer)")
+    g.add_argument("--poet-a0-storage", choices=STORAGES, default="native",
+                   help="how A0 is held: native = the parameter dtype (bf16 with --bf16, else fp32); int8 = 8-bit "
+                        "codes with a float32 scale and zero point per --poet-a0-group-size entries of a row "
+                        "(POET-XQ's scheme; dequantized per layer at each GEMM, requantized at each merge)")
+    g.add_argument("--poet-a0-group-size", type=int, default=256,
+                   help="entries per quantization group of --poet-a0-storage int8 (must divide the layers' input "
+                        "sizes, and the row-parallel layers' input permutation groups)")
     g.add_argument("--poet-orthogonality-warning", type=float, default=ORTHOGONALITY_WARNING,
                    help="warn once when a factor's orthogonality error ||G^T G - I||_F (measured at log steps, "
                         "merges and saves) passes this")
@@ -236,6 +244,8 @@ def poet_config(args: argparse.Namespace) -> POETConfig | None:
         permutation_groups=args.poet_permutation_groups,
         fp32_master_a0=master,
         shard_fp32_master=master and args.use_distributed_optimizer,
+        a0_storage=args.poet_a0_storage,
+        a0_group_size=args.poet_a0_group_size,
     )
     if config.permutation_groups is None:
         from megatron_poet.megatron.sharding import layout_free_permutation_groups
@@ -379,13 +389,18 @@ def _check_poet(args: argparse.Namespace, need, errors_so_far: bool) -> None:
         config = poet_config(args)
     except ValueError as e:
         need(False, f"{e} (POET flags: --poet-block-size, --poet-neumann-terms, --poet-mode, --poet-init, "
-                    f"--poet-variant, --poet-permutation-groups)")
+                    f"--poet-variant, --poet-permutation-groups, --poet-a0-storage, --poet-a0-group-size, --poet-fp32-master-a0)")
         return
     need(args.poet_merge_interval > 0, f"--poet-merge-interval must be > 0, got {args.poet_merge_interval}")
     need(args.bf16 or not args.poet_fp32_master_a0,
          "--poet-fp32-master-a0 keeps an fp32 copy of bf16 weights; it needs --bf16")
     need(not (args.deepspeed and args.poet_fp32_master_a0),
          "--poet-fp32-master-a0 is implemented for the megatron-core engine, not with --deepspeed")
+    int8 = args.poet_a0_storage == "int8"
+    need(not (int8 and args.deepspeed),
+         "--poet-a0-storage int8 is implemented for the megatron-core engine, not with --deepspeed")
+    need(not (int8 and args.fp8_format),
+         "--poet-a0-storage int8 with --fp8-format would hold a second (FP8) copy of every A0: use one of them")
     if errors_so_far:  # the model layout below presumes sane sizes
         return
     from megatron_poet.megatron.model import validate_model_config

@@ -80,7 +80,9 @@ def enable_fp8(model: nn.Module, config: FP8Config) -> str:
         d_out, d_in = layer.frozen_weight.shape
         _, _, group_size = layer.tensor_parallel_layout()
         problems += [f"{name}: {p}" for p in shape_problems(d_out, d_in, config.recipe, group_size)]
-        if layer.frozen_weight.dtype not in SUPPORTED_DTYPES:
+        if layer.frozen_scale is not None:
+            problems.append(f"{name}: A0 is stored in 8 bits; an FP8 copy would be a second one (use one of them)")
+        elif layer.frozen_weight.dtype not in SUPPORTED_DTYPES:
             problems.append(f"{name}: FP8 GEMM outputs bf16 or fp32, the layer is {layer.frozen_weight.dtype}")
     backend, why = resolve_backend(config.backend, config.recipe, layers[0][1].frozen_weight.device)
     if problems:

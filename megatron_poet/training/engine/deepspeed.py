@@ -34,7 +34,7 @@ from torch import nn
 
 from megatron_poet.checkpoint import DeepSpeedFormat
 from megatron_poet.poet.optim import poet_modules, poet_param_groups
-from megatron_poet.poet.side import begin_step
+from megatron_poet.poet.side import begin_step, step_blocks_pay_off
 
 from ..optimizer import canonical_learning_rate, dense_group_settings, lr_scheduler, poet_group_settings
 from .base import BatchLoss, StepResult, TrainingEngine, forward_step, num_microbatches, reduce_loss
@@ -114,7 +114,7 @@ class DeepSpeedEngine(TrainingEngine):
         count = num_microbatches(self.args)
         # POET blocks built once and differentiated once per step; not under ZeRO-3, where ``skew``
         # exists only while its (leaf) layer runs, so each forward builds its blocks.
-        if backward and self.zero_stage < 3:
+        if backward and self.zero_stage < 3 and step_blocks_pay_off(count, self.args.compile):
             begin_step(self.engine.module, count)
         outputs = []
         for i in range(count):

@@ -16,7 +16,7 @@ from torch import nn
 
 from megatron_poet.checkpoint import DistFormat
 from megatron_poet.megatron.optimizer_state import leaf_optimizers
-from megatron_poet.poet.side import begin_step
+from megatron_poet.poet.side import begin_step, step_blocks_pay_off
 
 from ..optimizer import MegatronTrainingOptimizer
 from .base import BatchLoss, StepResult, TrainingEngine, forward_step, num_microbatches, reduce_loss
@@ -87,8 +87,10 @@ class MegatronEngine(TrainingEngine):
         for chunk in self.ddp_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        for chunk in self.model_chunks:  # POET blocks: built once, differentiated once, per step
-            begin_step(chunk, num_microbatches(self.args))
+        count = num_microbatches(self.args)
+        if step_blocks_pay_off(count, self.args.compile):  # POET blocks: built once, differentiated once, per step
+            for chunk in self.model_chunks:
+                begin_step(chunk, count)
         return self._run_schedule(data_iterator, forward_only=False)
 
     @torch.no_grad()
