@@ -37,27 +37,44 @@ _DENSE_LINEAR_ENTRIES = ("bias", "layer_norm_weight", "layer_norm_bias", "_extra
 
 
 @torch.no_grad()
-def dense_state_dict(model: nn.Module, progress: Callable | None = None) -> dict[str, torch.Tensor]:
+def dense_state_dict(model: nn.Module, progress: Callable | None = None, *, dtype: torch.dtype | None = None,
+                     release: bool = False) -> dict[str, torch.Tensor]:
     """The model's state with every POET layer replaced by ``<layer>.weight = P A0 R``.
 
     Args:
         model: any module (e.g. a megatron-core ``GPTModel`` built at TP=1).
         progress: optional callable wrapping an iterable (e.g. ``tqdm``) to show
             progress over the POET layers.
+        dtype: the floating dtype of the result (default float32, or wider for wider tensors); each
+            folded weight is cast as soon as it is formed (in float32), so the model's weights are never
+            all held in float32 at once.
+        release: free each POET layer's ``A0`` once folded (the model is unusable afterwards): the dense
+            weights then take the room the factors held (the exporter of a checkpoint does this).
     Returns:
-        ``{name: float32 tensor}`` on the CPU with the names megatron's own
+        ``{name: tensor}`` on the CPU with the names megatron's own
         (non-POET) layers would have; non-tensor entries (``_extra_state``) are dropped.
         A POET layer's bias and fused-norm entries are kept under their names.
     """
-    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    from ..megatron.layer_checkpoint import canonical_a0
+
+    def cast(v: torch.Tensor) -> torch.Tensor:
+        if not v.is_floating_point():
+            return v.detach().cpu()
+        return v.detach().to("cpu", dtype or torch.promote_types(v.dtype, torch.float32))
+
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, POETModule)]
-    for name, module in (progress(layers) if progress and layers else layers):
-        prefix = f"{name}." if name else ""
-        for key in [k for k in state if k.startswith(prefix) and k[len(prefix):] not in _DENSE_LINEAR_ENTRIES]:
-            del state[key]
-        state[f"{prefix}weight"] = poet_dense_weight(module)
-    return {k: v.detach().to("cpu", torch.promote_types(v.dtype, torch.float32)) if v.is_floating_point()
-            else v.detach().cpu() for k, v in state.items()}
+    prefixes = [f"{name}." if name else "" for name, _ in layers]
+    with canonical_a0(model):  # the state's A0 entries are dropped below: take them without copies
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not any(
+            k.startswith(p) and k[len(p):] not in _DENSE_LINEAR_ENTRIES for p in prefixes)}
+    state = {k: cast(v) for k, v in state.items()}
+    for (name, module), prefix in zip(progress(layers) if progress and layers else layers, prefixes):
+        state[f"{prefix}weight"] = cast(poet_dense_weight(module))
+        if release:
+            for tensor in (module.frozen_weight, module.frozen_scale, module.frozen_zero):
+                if tensor is not None:
+                    tensor.data = tensor.data.new_empty(0)
+    return state
 
 
 # Norm names of megatron's local layer spec -> where the Transformer-Engine spec fuses them.

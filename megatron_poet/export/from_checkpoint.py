@@ -150,6 +150,6 @@ def convert_checkpoint(load: str, output: str, *, iteration: int | None = None, 
         checkpoint.load_model_weights(model, path)
         if not allow_non_finite:
             _check_finite(model, path)
-        spec = export_gpt_model(model, output, tokenizer=token_info, dtype=dtype,
-                                max_shard_size=max_shard_size, progress=progress, check=not allow_non_finite)
+        spec = export_gpt_model(model, output, tokenizer=token_info, dtype=dtype, max_shard_size=max_shard_size,
+                                progress=progress, check=not allow_non_finite, release_model=True)
     return ConversionResult(spec, path, iteration, poet_layers, assumed, token_info.path)

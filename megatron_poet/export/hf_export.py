@@ -74,12 +74,15 @@ def _progress(enabled: bool, desc: str, unit: str):
     return lambda items: tqdm(items, desc=desc, unit=unit)
 
 
-def hf_state_and_config(model, tokenizer: TokenizerInfo | None, progress: bool = False):
+def hf_state_and_config(model, tokenizer: TokenizerInfo | None, progress: bool = False, *,
+                        dtype: torch.dtype | None = None, release: bool = False):
     """Fold and map a TP=1 ``GPTModel`` to a Hugging Face state dict and config (nothing written).
+
+    ``dtype`` and ``release``: as :func:`~.fold.dense_state_dict` (default float32, the model intact).
 
     Returns:
         ``(spec, config, state)``: the :class:`ExportSpec`, a ``LlamaConfig`` /
-        ``GPT2Config`` and ``{hf name: float32 tensor}``.
+        ``GPT2Config`` and ``{hf name: tensor}``.
     """
     from megatron.core import parallel_state
 
@@ -90,7 +93,7 @@ def hf_state_and_config(model, tokenizer: TokenizerInfo | None, progress: bool =
     ids = dict(bos_token_id=tokenizer.bos_token_id if tokenizer else None,
                eos_token_id=tokenizer.eos_token_id if tokenizer else None,
                pad_token_id=tokenizer.pad_token_id if tokenizer else None)
-    dense = dense_state_dict(model, _progress(progress, "folding POET layers", "layer"))
+    dense = dense_state_dict(model, _progress(progress, "folding POET layers", "layer"), dtype=dtype, release=release)
     if spec.architecture == "llama":
         return spec, llama_config(spec, **ids), llama_state_dict(dense, spec)
     return spec, gpt2_config(spec, **ids), gpt2_state_dict(dense, spec)
@@ -104,27 +107,40 @@ def check_exportable(model, state: dict[str, torch.Tensor], dtype: torch.dtype) 
     """Raise :class:`UnsafeWeightsError` unless every POET factor of ``model`` is within
     ``MAX_ORTHOGONALITY_ERROR`` of orthogonal and every tensor of ``state`` (cast to ``dtype``,
     so values beyond its range show as inf) is finite. Names the offending layers and tensors."""
+    check_factors(model)
+    check_folded(state, dtype)
+
+
+def check_factors(model) -> None:
+    """The orthogonality part of :func:`check_exportable`."""
     from ..poet.cayley import MAX_ORTHOGONALITY_ERROR
     from ..poet.linear import POETModule
-    from ..training.finite import describe, nonfinite_tensors
 
-    problems = []
     errors = [(name, float(m.orthogonality_error())) for name, m in model.named_modules() if isinstance(m, POETModule)]
     far = [(name, e) for name, e in errors if not e <= MAX_ORTHOGONALITY_ERROR]
     if far:
         listed = ", ".join(f"{name} ({e:.3g})" for name, e in far[:6]) + (f" and {len(far) - 6} more" if len(far) > 6 else "")
-        problems.append(f"{len(far)} POET layers have factors past orthogonality error {MAX_ORTHOGONALITY_ERROR:g} "
-                        f"(||G^T G - I||_F): {listed}; folding them would change the weights' singular values")
+        _refuse(f"{len(far)} POET layers have factors past orthogonality error {MAX_ORTHOGONALITY_ERROR:g} "
+                f"(||G^T G - I||_F): {listed}; folding them would change the weights' singular values")
+
+
+def check_folded(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """The finiteness part of :func:`check_exportable`."""
+    from ..training.finite import describe, nonfinite_tensors
+
     found = nonfinite_tensors((name, tensor.to(dtype)) for name, tensor in state.items())
     if found:
-        problems.append(f"{len(found)} folded weights are not finite in {str(dtype).removeprefix('torch.')}: {describe(found)}")
-    if problems:
-        raise UnsafeWeightsError("refusing to export a diverged model: " + "; ".join(problems)
-                                 + "; export an earlier checkpoint, or pass --allow-non-finite to export it anyway")
+        _refuse(f"{len(found)} folded weights are not finite in {str(dtype).removeprefix('torch.')}: {describe(found)}")
+
+
+def _refuse(problem: str) -> None:
+    raise UnsafeWeightsError(f"refusing to export a diverged model: {problem}; export an earlier checkpoint, or pass "
+                             f"--allow-non-finite to export it anyway")
 
 
 def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = None, dtype: str = "fp32",
-                     max_shard_size: str | int = "5GB", progress: bool = False, check: bool = True) -> ExportSpec:
+                     max_shard_size: str | int = "5GB", progress: bool = False, check: bool = True,
+                     release_model: bool = False) -> ExportSpec:
     """Write ``model`` as a Hugging Face model directory.
 
     Args:
@@ -137,15 +153,19 @@ def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = N
         progress: show tqdm progress bars.
         check: refuse (:class:`UnsafeWeightsError`, before writing anything) folded weights that are
             not finite in ``dtype`` or come from factors far from orthogonal (:func:`check_exportable`).
+        release_model: free each POET layer's ``A0`` once folded (for a caller done with ``model``): the
+            export then holds about one model's worth of weights, not the factors and the dense copy.
     Returns:
         The model's :class:`ExportSpec`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
-    spec, config, state = hf_state_and_config(model, tokenizer, progress)
+    if check:  # before folding: a released layer has no factors left to measure
+        check_factors(model)
+    spec, config, state = hf_state_and_config(model, tokenizer, progress, dtype=torch_dtype, release=release_model)
     if check:
-        check_exportable(model, state, torch_dtype)
+        check_folded(state, torch_dtype)
     state = {k: v.to(torch_dtype) for k, v in state.items()}
     os.makedirs(out_dir, exist_ok=True)
     # transformers < 5 reads the rotary base and scaling from top-level rope_theta / rope_scaling.
