@@ -4,7 +4,7 @@ with 8-bit ``A0`` (each with this stack's best memory flags).
 
 For each method the ladder of Llama shapes (vocabulary 32000) is climbed from the smallest: a shape
 whose ledger prediction (:mod:`megatron_poet.memory_ledger`, plus this machine's process baseline,
-measured on the smallest shape) exceeds the budget ends the method's climb; otherwise the training
+measured with AdamW on the smallest shape of the ladder) exceeds the budget ends the method's climb; otherwise the training
 program (through :mod:`megatron_poet.launch`) trains two iterations and saves, a second run resumes
 from the save for one more iteration, and ``tools/convert_to_hf.py`` exports the checkpoint. Each of
 the three processes' peak resident memory (``wait4``'s ``ru_maxrss``, the launcher and its ranks)
@@ -113,9 +113,10 @@ def climb(methods: list[str], names: list[str], seq: int, budget: float, dry_run
     """Rows of the table, method by method, smallest shape first."""
     baseline = 0.0
     if not dry_run:  # the process's own memory (Python, torch, megatron): measured peak minus the ledger
-        first = try_shape(names[0], "AdamW", seq, work)
-        baseline = max(0.0, first["peaks"][0] - predicted_bytes(SHAPES[names[0]], "AdamW", seq, 0.0))
-        print(f"process baseline: {baseline / GiB:.2f} GiB ({names[0]}, AdamW)", flush=True)
+        smallest = next(iter(SHAPES))
+        first = try_shape(smallest, "AdamW", seq, work)
+        baseline = max(0.0, first["peaks"][0] - predicted_bytes(SHAPES[smallest], "AdamW", seq, 0.0))
+        print(f"process baseline: {baseline / GiB:.2f} GiB ({smallest}, AdamW)", flush=True)
     rows = []
     for method in methods:
         for name in names:
