@@ -71,7 +71,8 @@ def dense_state_dict(model: nn.Module, progress: Callable | None = None, *, dtyp
     for (name, module), prefix in zip(progress(layers) if progress and layers else layers, prefixes):
         state[f"{prefix}weight"] = cast(poet_dense_weight(module))
         if release:
-            for tensor in (module.frozen_weight, module.frozen_scale, module.frozen_zero):
+            for tensor in (module.frozen_weight, module.frozen_scale, module.frozen_zero,
+                           getattr(module, "frozen_master", None)):
                 if tensor is not None:
                     tensor.data = tensor.data.new_empty(0)
     return state

@@ -7,7 +7,7 @@ from torch import nn
 from .a0_storage import DequantizedGemm, dequantize_groups, group_problem, quantize_groups_
 from .config import POETConfig
 from .functional import poet_linear
-from .init import fill_frozen_weight
+from .init import ROWS_PER_DRAW, fill_frozen_weight
 from .merge import fold_exact_, nearest_orthogonal, permute_, permuted_copy
 from .rotation import block_rotate
 from .side import OrthogonalSide
@@ -117,7 +117,7 @@ class POETModule(nn.Module):
         LongTensor; None = all, in order) into ``out`` ``(len, d_in)``; ``rows`` ``(d_out,)``: the source row
         (e.g. global ``A0`` row) each stored row holds. Native storage: ``fill`` writes ``frozen_weight``
         itself. 8-bit: rows are filled and quantized a chunk at a time in the order of ``rows`` (so a
-        chunk's source rows are contiguous and each is drawn once), a float32 transient of a few MiB;
+        chunk's source rows are contiguous and, aligned, drawn once), a float32 transient of a few MiB;
         ``whole_draws``: ``fill`` computes the whole matrix per call (uniform_spectrum's SVD), so one chunk.
         """
         if self.fp8 is not None:
@@ -127,7 +127,8 @@ class POETModule(nn.Module):
             return
         d_out, d_in = self.frozen_weight.shape
         order = torch.argsort(rows.cpu()).to(self.frozen_weight.device)
-        step = d_out if whole_draws else max(1, (1 << 18) // d_in)
+        # whole draws of init's ROWS_PER_DRAW rows per chunk (aligned source rows are then drawn once)
+        step = d_out if whole_draws else max(1, (1 << 18) // d_in // ROWS_PER_DRAW) * ROWS_PER_DRAW
         for r0 in range(0, d_out, step):
             which = order[r0:r0 + step]
             chunk = torch.empty(which.numel(), d_in, dtype=torch.float32, device=which.device)
