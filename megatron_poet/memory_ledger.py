@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Llama-shaped configs: (layers, hidden, ffn, attention heads, key/value heads, vocabulary).
+# Llama-shaped configs: (layers, hidden, ffn, attention heads, key/value heads, vocabulary); MoE configs
+# append (experts, top-k), see :func:`unpack`.
 # 1B = Llama-3.2-1B, 8B = Llama-3-8B, 13B = Llama-2-13B; 20B is Llama-3-like at 20.3B parameters.
 LLAMA = {"Llama-1B": (16, 2048, 8192, 32, 8, 128256), "Llama-8B": (32, 4096, 14336, 32, 8, 128256),
          "Llama-13B": (40, 5120, 13824, 40, 40, 32000), "Llama-20B": (48, 6144, 16384, 48, 8, 128256)}
@@ -31,6 +32,10 @@ LADDER = {
     "Llama-20B": (48, 6144, 16384, 48, 8, 32000), "CodeLlama-34B": (48, 8192, 22016, 64, 8, 32000),
     "Llama-2-70B": (80, 8192, 28672, 64, 8, 32000),
 }
+
+# Mixture-of-experts twins of dense widths (every layer 8 experts of the dense MLP's width, top-2):
+# (layers, hidden, expert ffn, heads, key/value heads, vocabulary, experts, top-k).
+MOE = {"Llama-1B 8x top-2": (*LLAMA["Llama-1B"], 8, 2), "Llama-2-7B 8x top-2": (*LADDER["Llama-2-7B"], 8, 2)}
 
 
 @dataclass
@@ -60,14 +65,28 @@ def linear_shapes(h: int, ffn: int, heads: int, kv_heads: int) -> list[tuple[int
     return [(h, h + 2 * kv, True), (h, h, False), (h, 2 * ffn, True), (ffn, h, False)]
 
 
+def unpack(config: tuple) -> tuple[int, int, int, int, int, int, int, int]:
+    """``(layers, hidden, ffn, heads, kv heads, vocabulary, experts, top-k)`` of a Llama config: 6 entries
+    (dense: 0 experts, top-k 1) or 8 (mixture of experts in every layer, ``ffn`` each expert's width)."""
+    return (*config, 0, 1) if len(config) == 6 else tuple(config)
+
+
+def layer_linears(config: tuple) -> list[tuple[int, int, bool, int]]:
+    """``(d_in, d_out, column_parallel, copies)`` per layer: attention's once, the MLP's once per expert."""
+    _, h, ffn, heads, kv_heads, _, experts, _ = unpack(config)
+    return [(i, o, col, 1 if k < 2 else max(experts, 1))
+            for k, (i, o, col) in enumerate(linear_shapes(h, ffn, heads, kv_heads))]
+
+
 def parameter_count(config: tuple) -> int:
-    """Parameters of a Llama config (untied embeddings and output layer, RMSNorm weights)."""
-    layers, h, ffn, heads, kv_heads, vocab = config
-    return layers * (sum(i * o for i, o, _ in linear_shapes(h, ffn, heads, kv_heads)) + 2 * h) + 2 * vocab * h + h
+    """Parameters of a Llama config (untied embeddings and output layer, RMSNorm weights, MoE routers)."""
+    layers, h, _, _, _, vocab, experts, _ = unpack(config)
+    per_layer = sum(n * i * o for i, o, _, n in layer_linears(config)) + 2 * h + experts * h
+    return layers * per_layer + 2 * vocab * h + h
 
 
 def saved_bytes_per_token_layer(h: int, ffn: int, kv: int, method: str, tp: int, act: int,
-                                attention: str = "flash", heads: int = 0, seq: int = 0) -> float:
+                                attention: str = "flash", heads: int = 0, seq: int = 0, topk: int = 1) -> float:
     """Bytes one transformer layer keeps for backward per token, per GPU (sequence parallel when tp > 1).
 
     Elements, as megatron's local layer spec keeps them (checked against the measurement on CPU):
@@ -79,8 +98,11 @@ def saved_bytes_per_token_layer(h: int, ffn: int, kv: int, method: str, tp: int,
     input instead of the linear's input) plus ``P``'s input for the two row-parallel linears
     (2h) in "fast" mode, and in "mem" mode at tp > 1 (recomputing it would repeat the
     all-reduce); the column-parallel ``P`` keeps its output, which attention and SwiGLU keep anyway.
+    With mixture of experts (``topk`` > 1 experts per token) the MLP's share is kept once per routed
+    copy of the token, plus its expert output (weighted by the routing probability).
     """
-    elems = 4 * h + h + (h + 2 * kv) + (h + kv) + h + h + 2 * ffn + 3 * ffn
+    moe = 0 if topk == 1 else topk * h
+    elems = 4 * h + h + (h + 2 * kv) + (h + kv) + h + topk * (h + 2 * ffn + 3 * ffn) + moe
     if attention == "local":
         elems += heads * seq
     if method == "POET fast" or (method == "POET mem" and tp > 1):
@@ -90,13 +112,13 @@ def saved_bytes_per_token_layer(h: int, ffn: int, kv: int, method: str, tp: int,
 
 def saved_bytes_model(h: int, ffn: int, kv: int, layers: int, vocab: int, tokens: int, method: str, tp: int,
                       act: int, attention: str = "flash", heads: int = 0, seq: int = 0,
-                      recompute: bool = False) -> float:
+                      recompute: bool = False, topk: int = 1) -> float:
     """All layers plus the final norm (input, normalized, output) and the loss's float32 softmax. With full
     recomputation (``--recompute-granularity full``) a layer keeps only its input."""
     if recompute:
         per_token = layers * h * act / tp
     else:
-        per_token = layers * saved_bytes_per_token_layer(h, ffn, kv, method, tp, act, attention, heads, seq)
+        per_token = layers * saved_bytes_per_token_layer(h, ffn, kv, method, tp, act, attention, heads, seq, topk)
     return tokens * (per_token + (3 * h * act + 4 * vocab) / tp)
 
 
@@ -108,7 +130,7 @@ def a0_bytes_per_entry(storage: str, group: int = 256) -> float:
 def computed_ledger(model: str | tuple, tp: int, dp: int, method: str, seq: int, micro_batch: int, block: int,
                     master: bool = False, *, storage: str = "native", group: int = 256,
                     recompute: bool = False, microbatches: int = 8) -> Ledger:
-    """Per-GPU bytes for ``model`` (a name of :data:`LLAMA`/:data:`LADDER` or a config tuple).
+    """Per-GPU bytes for ``model`` (a name of :data:`LLAMA`/:data:`LADDER`/:data:`MOE` or a config tuple).
 
     ``method``: "AdamW", "POET fast" or "POET mem"; ``storage``: how POET holds ``A0`` ("native" = bf16,
     "int8"); ``recompute``: full activation recomputation of every layer; ``microbatches`` per optimizer
@@ -116,26 +138,29 @@ def computed_ledger(model: str | tuple, tp: int, dp: int, method: str, seq: int,
     from a layer's forward to its backward (none between layers under full recomputation), see
     :func:`megatron_poet.poet.side.step_blocks_pay_off`.
     """
-    layers, h, ffn, heads, kv_heads, vocab = model if isinstance(model, tuple) else {**LLAMA, **LADDER}[model]
-    shapes = linear_shapes(h, ffn, heads, kv_heads)
-    linear = layers * sum(i * o for i, o, _ in shapes) / tp
-    other = 2 * vocab * h / tp + (2 * layers + 1) * h  # embeddings and output layer (vocab-parallel), norms
+    config = model if isinstance(model, tuple) else {**LLAMA, **LADDER, **MOE}[model]
+    layers, h, ffn, heads, kv_heads, vocab, experts, topk = unpack(config)
+    shapes = layer_linears(config)
+    linear = layers * sum(n * i * o for i, o, _, n in shapes) / tp
+    # embeddings and output layer (vocab-parallel), norms, MoE routers (dense, AdamW)
+    other = 2 * vocab * h / tp + (2 * layers + 1) * h + layers * experts * h
     blocks, dequantized = 0.0, 0.0
     if method == "AdamW":
         trainable, a0 = linear + other, 0.0
     else:  # skew parameters: the replicated side whole, the sharded side 1/tp
-        side_dims = sum((i + o / tp if col else i / tp + o) for i, o, col in shapes) * layers
+        side_dims = sum(n * (i + o / tp if col else i / tp + o) for i, o, col, n in shapes) * layers
         skews = side_dims * (block - 1) / 2
         a0 = a0_bytes_per_entry(storage, group) * linear + (4 * linear / dp if master else 0)
         trainable = skews + other
         copies = 2 if microbatches > 1 else 0 if recompute else 1  # fp32 blocks (d x b per side), their gradient
         blocks = copies * 4 * side_dims * block
         if storage == "int8":  # one layer's A0 dequantized at a time: float32 intermediate and the bf16 copy
-            dequantized = 6 * max(i * o for i, o, _ in shapes) / tp
+            dequantized = 6 * max(i * o for i, o, _, _ in shapes) / tp
     tokens = seq * micro_batch
     kv = kv_heads * (h // heads)
-    saved = saved_bytes_model(h, ffn, kv, layers, vocab, tokens, method, tp, 2, recompute=recompute)
-    transient = max(tokens * 10 * vocab / tp, 2 * tokens * saved_bytes_per_token_layer(h, ffn, kv, method, tp, 2))
+    saved = saved_bytes_model(h, ffn, kv, layers, vocab, tokens, method, tp, 2, recompute=recompute, topk=topk)
+    transient = max(tokens * 10 * vocab / tp,
+                    2 * tokens * saved_bytes_per_token_layer(h, ffn, kv, method, tp, 2, topk=topk))
     ledger = Ledger(parameters=int(2 * trainable), a0=int(a0), gradients=int(4 * trainable),
                     optimizer=int(12 * trainable / dp), blocks=int(blocks), saved=int(saved))
     ledger.peak = ledger.static + ledger.blocks + ledger.saved + int(transient + dequantized)

@@ -29,9 +29,11 @@ def permutation_matrix(perm):
     return torch.eye(perm.numel(), dtype=torch.float64)[perm]
 
 
-def dense_side(side):
-    """Dense float64 Pi^T BD(G) Pi, built independently of the layer's rotation code."""
-    q = skew_from_packed(side.skew.detach().double(), side.block_size)
+def dense_side(side, packed=None):
+    """Dense float64 Pi^T BD(G) Pi, built independently of the layer's rotation code, from ``packed`` skew
+    parameters (differentiable; default: the side's own, detached)."""
+    packed = side.skew.detach().double() if packed is None else packed
+    q = skew_from_packed(packed, side.block_size)
     eye = torch.eye(side.block_size, dtype=torch.float64)
     if side.neumann_terms is None:
         blocks = (eye + q) @ torch.linalg.inv(eye - q)
@@ -84,16 +86,7 @@ def test_gradients_fast_mem_and_dense_reference_agree(variant, block_size):
     xi = x.clone().requires_grad_()
     bias = layer.bias.detach().clone().requires_grad_()
 
-    def side_matrix(side, packed):
-        q = skew_from_packed(packed, side.block_size)
-        eye = torch.eye(side.block_size, dtype=torch.float64)
-        blocks = (eye + q) @ sum(torch.linalg.matrix_power(q, j) for j in range(4))
-        rest = torch.eye(side.dim - side.num_blocks * side.block_size, dtype=torch.float64)  # fs: pass-through
-        full = torch.block_diag(*blocks, rest)
-        pi = permutation_matrix(side.perm)
-        return pi.T @ full @ pi
-
-    weight = side_matrix(layer.output_side, params[1]) @ a0 @ side_matrix(layer.input_side, params[0])
+    weight = dense_side(layer.output_side, params[1]) @ a0 @ dense_side(layer.input_side, params[0])
     F.linear(xi, weight, bias).backward(grad_y)
     reference = [xi.grad, params[0].grad, params[1].grad, bias.grad]
     for mode, grads in results.items():

@@ -37,15 +37,19 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_poet.memory_ledger import LADDER, computed_ledger, parameter_count  # noqa: E402
+from megatron_poet.memory_ledger import LADDER, MOE, computed_ledger, parameter_count, unpack  # noqa: E402
 
 GiB = 2**30
 # (layers, hidden, ffn, heads, key/value heads, vocabulary): steps below 1B so AdamW's limit is found
 # (every size a multiple of the POET block 256), then the ledger's ladder (POET-X 3B ... Llama-2-70B).
-SHAPES = {
+LADDER_SHAPES = {
     "L-120M": (12, 768, 2048, 12, 12, 32000), "L-350M": (24, 1024, 2816, 16, 16, 32000),
     "L-750M": (24, 1536, 4096, 16, 16, 32000), "L-1.3B": (24, 2048, 5632, 16, 16, 32000), **LADDER,
 }
+# Mixture-of-experts twins (every layer 8 experts of the dense MLP's width, top-2), climbed only when named.
+MOE_SHAPES = {f"{name}-MoE8": (*LADDER_SHAPES[name], 8, 2) for name in ("L-120M", "L-350M")} | {
+    f"{name}-MoE8": config for name, config in MOE.items()}
+SHAPES = {**LADDER_SHAPES, **MOE_SHAPES}
 BLOCK = 256
 COMMON = ["--bf16", "--use-distributed-optimizer", "--recompute-granularity", "full", "--recompute-method", "uniform",
           "--recompute-num-layers", "1", "--micro-batch-size", "1", "--global-batch-size", "1", "--mock-data",
@@ -60,10 +64,11 @@ LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(ms\
 
 
 def shape_flags(config: tuple, seq: int) -> list[str]:
-    layers, hidden, ffn, heads, kv_heads, _ = config
+    layers, hidden, ffn, heads, kv_heads, _, experts, topk = unpack(config)
+    moe = ["--num-experts", str(experts), "--moe-router-topk", str(topk)] if experts else []
     return ["--model-style", "llama", "--num-layers", str(layers), "--hidden-size", str(hidden),
             "--ffn-hidden-size", str(ffn), "--num-attention-heads", str(heads), "--num-query-groups", str(kv_heads),
-            "--seq-length", str(seq), "--max-position-embeddings", str(seq)]
+            "--seq-length", str(seq), "--max-position-embeddings", str(seq), *moe]
 
 
 def run_measured(argv: list[str], log: str) -> tuple[int, int, str]:
@@ -113,7 +118,7 @@ def climb(methods: list[str], names: list[str], seq: int, budget: float, dry_run
     """Rows of the table, method by method, smallest shape first."""
     baseline = 0.0
     if not dry_run:  # the process's own memory (Python, torch, megatron): measured peak minus the ledger
-        smallest = next(iter(SHAPES))
+        smallest = next(iter(LADDER_SHAPES))
         first = try_shape(smallest, "AdamW", seq, work)
         baseline = max(0.0, first["peaks"][0] - predicted_bytes(SHAPES[smallest], "AdamW", seq, 0.0))
         print(f"process baseline: {baseline / GiB:.2f} GiB ({smallest}, AdamW)", flush=True)
@@ -161,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: 90%% of this machine's memory")
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
-                        help="rungs to climb, in this order (default: all, smallest first)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(LADDER_SHAPES),
+                        help="rungs to climb, in this order (default: the dense ladder, smallest first; the "
+                             "mixture-of-experts twins *-MoE8, 8 experts top-2, only when named)")
     parser.add_argument("--dry-run", action="store_true", help="the ledger's predictions only (no runs)")
     parser.add_argument("--work-dir", default=None, help="checkpoints and exports (default: a temporary directory)")
     args = parser.parse_args(argv)

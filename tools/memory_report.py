@@ -49,7 +49,7 @@ from dataclasses import asdict
 import torch
 
 from megatron_poet.memory_ledger import (
-    LADDER, LLAMA, POETX, Ledger, computed_ledger, parameter_count, saved_bytes_model,
+    LADDER, LLAMA, MOE, POETX, Ledger, computed_ledger, parameter_count, saved_bytes_model,
 )
 
 MiB = 2**20
@@ -293,10 +293,30 @@ def print_poetx(block: int) -> None:
     print()
 
 
+# The best memory flags per method: (label, ledger method, A0 storage), all with full recomputation.
+BEST_FLAGS = [("AdamW, full recompute", "AdamW", "native"), ("POET mem, bf16 A0", "POET mem", "native"),
+              ("POET mem, int8 A0", "POET mem", "int8")]
+
+
+def print_moe(seq: int, block: int) -> None:
+    """Mixture-of-experts twins of dense widths beside the dense models (one GPU, batch 1, best flags)."""
+    print(f"### Computed: mixture of experts (8 experts of the dense MLP's width, top-2) vs the dense model, one GPU, "
+          f"seq {seq}, batch 1, full recompute, POET block {block}; peak GB\n")
+    print("| model | params | " + " | ".join(label for label, _, _ in BEST_FLAGS) + " |")
+    print("|---|---|" + "---|" * len(BEST_FLAGS))
+    for name, config in MOE.items():
+        dense = config[:6]
+        for label, shape in ((name.split(" ")[0], dense), (name, config)):
+            peaks = [computed_ledger(shape, 1, 1, method, seq, 1, block, storage=storage, recompute=True,
+                                     microbatches=1).peak for _, method, storage in BEST_FLAGS]
+            print(f"| {label} | {parameter_count(shape) / 1e9:.1f}B | " + " | ".join(f"{p / 1e9:.1f}" for p in peaks)
+                  + " |")
+    print()
+
+
 def print_largest(seq: int, block: int, budget: float = 80e9) -> None:
     """Which Llama of :data:`LADDER` fits one GPU of ``budget`` bytes, per method (batch 1, best memory flags)."""
-    methods = [("AdamW, full recompute", "AdamW", "native"), ("POET mem, bf16 A0", "POET mem", "native"),
-               ("POET mem, int8 A0", "POET mem", "int8")]
+    methods = BEST_FLAGS
     print(f"### Computed: the largest Llama on one {budget / 1e9:.0f} GB GPU (seq {seq}, batch 1, full recompute, "
           f"POET block {block}; peak GB)\n")
     print("| model | params | " + " | ".join(label for label, _, _ in methods) + " |")
@@ -362,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Ledger]:
         print_computed(list(LLAMA), [(1, 1), (1, 8), (8, 1), (8, 8)], ours.seq_length_large, 1, ours.block_size_large)
         print_poetx(ours.block_size_large)
         print_largest(ours.seq_length_large, ours.block_size_large)
+        print_moe(ours.seq_length_large, ours.block_size_large)
     return ledgers
 
 

@@ -18,9 +18,13 @@ SHAPE_ARGS = (
     "rotary_seq_len_interpolation_factor", "openai_gelu",
     # How A0 is stored (checkpoints written before 8-bit storage hold the native one).
     "poet_a0_storage", "poet_a0_group_size",
+    # megatron_poet.training.moe.FLAGS (checkpoints written before MoE are dense)
+    "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
 )
-# Recorded too, for tools reading the checkpoint (the export ships the tokenizer and the dropout).
-RECORDED_ARGS = ("tokenizer_type", "tokenizer_model", "hidden_dropout", "attention_dropout")
+# Recorded too, for tools reading the checkpoint (the export ships the tokenizer and the dropout) and
+# for the resume checks (the distributed optimizer's state follows the expert-parallel layout).
+RECORDED_ARGS = ("tokenizer_type", "tokenizer_model", "hidden_dropout", "attention_dropout",
+                 "expert_model_parallel_size")
 
 
 def shape_args(args: argparse.Namespace) -> dict:
@@ -32,7 +36,8 @@ def saved_shape_args(saved: dict) -> dict:
     flags existed were built with (their values then) where it records none."""
     legacy = {"norm_epsilon": 1e-5, "untie_embeddings_and_output_weights": saved.get("model_style") == "llama",
               "use_rope_scaling": False, "rope_scaling_factor": 8.0, "rotary_seq_len_interpolation_factor": None,
-              "openai_gelu": False, "poet_a0_storage": "native", "poet_a0_group_size": 256}
+              "openai_gelu": False, "poet_a0_storage": "native", "poet_a0_group_size": 256,
+              "num_experts": None, "moe_router_topk": 2, "moe_ffn_hidden_size": None}
     return {name: saved.get(name, legacy.get(name)) for name in SHAPE_ARGS}
 
 

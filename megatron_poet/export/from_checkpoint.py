@@ -69,7 +69,7 @@ def run_arguments(saved: dict) -> tuple[argparse.Namespace, dict]:
     assumed = {k: getattr(args, k) for k in FUNCTION_ARGS if k not in saved and hasattr(args, k)}
     vars(args).update(saved)
     # One unsharded copy in this process, in fp32: folding P A0 R must not round to half precision.
-    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = args.expert_model_parallel_size = 1
     args.virtual_pipeline_model_parallel_size = None
     args.sequence_parallel = False
     args.bf16 = False

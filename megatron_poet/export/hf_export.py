@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .fold import dense_state_dict
 from .hf_gpt2 import gpt2_config, gpt2_state_dict
-from .hf_llama import llama_config, llama_state_dict
+from .hf_llama import llama_config, llama_state_dict, mixtral_config
 from .spec import ExportSpec
 from .writer import DTYPES, copy_tokenizer, write_config, write_generation_config, write_safetensors
 
@@ -81,7 +81,7 @@ def hf_state_and_config(model, tokenizer: TokenizerInfo | None, progress: bool =
     ``dtype`` and ``release``: as :func:`~.fold.dense_state_dict` (default float32, the model intact).
 
     Returns:
-        ``(spec, config, state)``: the :class:`ExportSpec`, a ``LlamaConfig`` /
+        ``(spec, config, state)``: the :class:`ExportSpec`, a ``LlamaConfig`` / ``MixtralConfig`` /
         ``GPT2Config`` and ``{hf name: tensor}``.
     """
     from megatron.core import parallel_state
@@ -94,8 +94,9 @@ def hf_state_and_config(model, tokenizer: TokenizerInfo | None, progress: bool =
                eos_token_id=tokenizer.eos_token_id if tokenizer else None,
                pad_token_id=tokenizer.pad_token_id if tokenizer else None)
     dense = dense_state_dict(model, _progress(progress, "folding POET layers", "layer"), dtype=dtype, release=release)
-    if spec.architecture == "llama":
-        return spec, llama_config(spec, **ids), llama_state_dict(dense, spec)
+    if spec.architecture in ("llama", "mixtral"):
+        config = (mixtral_config if spec.num_experts else llama_config)(spec, **ids)
+        return spec, config, llama_state_dict(dense, spec)
     return spec, gpt2_config(spec, **ids), gpt2_state_dict(dense, spec)
 
 

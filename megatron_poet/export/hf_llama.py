@@ -1,10 +1,14 @@
-"""Megatron Llama-style ``GPTModel`` <-> Hugging Face ``LlamaForCausalLM`` (export and import).
+"""Megatron Llama-style ``GPTModel`` <-> Hugging Face ``LlamaForCausalLM`` (export and import), and its
+mixture-of-experts form -> ``MixtralForCausalLM`` (export).
 
 Why the two compute the same function (checked in ``tests/test_export_mapping.py``):
 RMSNorm is ``x * rsqrt(mean(x^2) + eps) * w`` in both; megatron's non-interleaved
 rotary embedding (``cat(freqs, freqs)`` with ``rotate_half``) is Hugging Face's
 ``rotate_half`` RoPE with the same base; both scale scores by ``1/sqrt(head_dim)``
-under a causal mask; SwiGLU is ``silu(gate) * up``.
+under a causal mask; SwiGLU is ``silu(gate) * up``. MoE (``tests/test_moe.py``): megatron's router
+takes the softmax of each token's top-k logits, Mixtral the softmax of all logits renormalized over
+the top k: the same weights; each expert is a SwiGLU MLP (``w1`` gate, ``w3`` up, ``w2`` down in the
+Mixtral checkpoints' naming, which ``transformers`` fuses on load).
 """
 from __future__ import annotations
 
@@ -48,14 +52,45 @@ def llama_config(spec: ExportSpec, *, bos_token_id: int | None, eos_token_id: in
     )
 
 
+def mixtral_config(spec: ExportSpec, **token_ids):
+    """A ``transformers.MixtralConfig`` for a ``spec`` of architecture "mixtral" (``token_ids``: as
+    :func:`llama_config`; no sliding window)."""
+    from transformers import MixtralConfig
+
+    llama = llama_config(spec, **token_ids).to_dict()
+    fields = {k: llama[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                                    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                                    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")}
+    return MixtralConfig(architectures=["MixtralForCausalLM"], rope_theta=spec.rope_theta,
+                         rope_scaling=spec.rope_scaling, sliding_window=None, num_local_experts=spec.num_experts,
+                         num_experts_per_tok=spec.experts_per_token, **fields)
+
+
+def _mlp_state(src: MegatronState, m: str, h: str, spec: ExportSpec) -> dict[str, torch.Tensor]:
+    """One layer's MLP (``m``: megatron prefix, ``h``: Hugging Face prefix): Llama's, or Mixtral's router and
+    experts (Mixtral's hub naming: ``block_sparse_moe.gate`` and ``experts.<e>.w1/w3/w2``)."""
+    if not spec.num_experts:
+        gate, up = split_gated_fc1(src.take(m + "mlp.linear_fc1.weight"), spec)
+        return {h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
+                h + "mlp.down_proj.weight": src.take(m + "mlp.linear_fc2.weight")}
+    out = {h + "block_sparse_moe.gate.weight": src.take(m + "mlp.router.weight")}
+    for e in range(spec.num_experts):
+        expert, to = f"{m}mlp.experts.local_experts.{e}.", f"{h}block_sparse_moe.experts.{e}."
+        gate, up = split_gated_fc1(src.take(expert + "linear_fc1.weight"), spec)
+        out.update({to + "w1.weight": gate, to + "w3.weight": up, to + "w2.weight": src.take(expert + "linear_fc2.weight")})
+    return out
+
+
 def llama_state_dict(dense: dict[str, torch.Tensor], spec: ExportSpec) -> dict[str, torch.Tensor]:
     """Map a dense megatron state dict (TP=1 names) to ``LlamaForCausalLM`` names.
 
     Args:
         dense: ``{megatron name: tensor}``; every weight must be consumed.
-        spec: the model's :class:`ExportSpec` (``architecture == "llama"``).
+        spec: the model's :class:`ExportSpec` (architecture "llama" or "mixtral").
     Returns:
-        ``{hf name: tensor}``; ``lm_head.weight`` only when embeddings are untied.
+        ``{hf name: tensor}`` (``MixtralForCausalLM`` names for "mixtral"); ``lm_head.weight`` only
+        when embeddings are untied.
     Raises:
         UnsupportedModelError: for megatron entries with no Llama counterpart.
     """
@@ -69,9 +104,7 @@ def llama_state_dict(dense: dict[str, torch.Tensor], spec: ExportSpec) -> dict[s
         out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k,
                     h + "self_attn.v_proj.weight": v})
         out[h + "self_attn.o_proj.weight"] = src.take(m + "self_attention.linear_proj.weight")
-        gate, up = split_gated_fc1(src.take(m + "mlp.linear_fc1.weight"), spec)
-        out.update({h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up})
-        out[h + "mlp.down_proj.weight"] = src.take(m + "mlp.linear_fc2.weight")
+        out.update(_mlp_state(src, m, h, spec))
         if spec.qkv_bias:
             qb, kb, vb = split_qkv(src.take(m + "self_attention.linear_qkv.bias"), spec)
             out.update({h + "self_attn.q_proj.bias": qb, h + "self_attn.k_proj.bias": kb,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from megatron.core.transformer.utils import openai_gelu
 
-ARCHITECTURES = ("llama", "gpt2")
+ARCHITECTURES = ("llama", "mixtral", "gpt2")
 
 
 class UnsupportedModelError(ValueError):
@@ -25,9 +25,13 @@ class ExportSpec:
     """Shape and options of a GPT model, in the vocabulary of both frameworks.
 
     Attributes:
-        architecture: "llama" (RMSNorm, SwiGLU, RoPE -> ``LlamaForCausalLM``) or
-            "gpt2" (LayerNorm, GeLU, learned positions -> ``GPT2LMHeadModel``).
-        num_layers, hidden_size, ffn_hidden_size: as in megatron.
+        architecture: "llama" (RMSNorm, SwiGLU, RoPE -> ``LlamaForCausalLM``), "mixtral" (the same with
+            mixture-of-experts MLPs -> ``MixtralForCausalLM``) or "gpt2" (LayerNorm, GeLU, learned
+            positions -> ``GPT2LMHeadModel``).
+        num_layers, hidden_size: as in megatron.
+        ffn_hidden_size: the MLP's width (each expert's with MoE: megatron's ``moe_ffn_hidden_size``).
+        num_experts, experts_per_token: MoE experts per layer and megatron's ``moe_router_topk``
+            (``None`` for a dense model).
         num_attention_heads: query heads ``np``.
         num_query_groups: key/value heads ``ng`` (``np`` for multi-head attention).
         head_dim: megatron's ``kv_channels`` (``hn``).
@@ -64,6 +68,8 @@ class ExportSpec:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     rope_scaling: dict | None = None
+    num_experts: int | None = None
+    experts_per_token: int | None = None
 
     @classmethod
     def from_gpt_model(cls, model, vocab_size: int | None = None) -> "ExportSpec":
@@ -86,7 +92,6 @@ class ExportSpec:
         # Options with no counterpart in either Hugging Face architecture.
         require(model.pre_process and model.post_process,
                 "a pipeline stage instead of the whole model (build it at pipeline_model_parallel_size=1)")
-        require(not getattr(c, "num_moe_experts", None), "mixture-of-experts layers")
         require(not getattr(c, "multi_latent_attention", False), "multi-latent attention")
         require(not getattr(c, "qk_layernorm", False), "qk_layernorm")
         require(not getattr(c, "mtp_num_layers", None), "multi-token-prediction layers")
@@ -110,6 +115,9 @@ class ExportSpec:
                     "rotary_interleaved (Hugging Face rotates halves, not interleaved pairs)")
             activation = "silu"
             rope_theta = float(model.rotary_base)
+            if c.num_moe_experts:
+                architecture = "mixtral"
+                problems += _mixtral_problems(c)
         elif c.normalization == "LayerNorm" and not gated and position == "learned_absolute":
             architecture = "gpt2"
             names = {F.gelu: "gelu", openai_gelu: "gelu_new"}
@@ -123,6 +131,7 @@ class ExportSpec:
                     "kv_channels * num_attention_heads != hidden_size (GPT2LMHeadModel has no head_dim)")
             require(not getattr(c, "add_qkv_bias", False) or c.add_bias_linear,
                     "add_qkv_bias without add_bias_linear")
+            require(not c.num_moe_experts, "mixture-of-experts layers (GPT2LMHeadModel has none)")
         else:
             raise UnsupportedModelError(
                 "cannot export this model to Hugging Face: supported are Llama-style "
@@ -143,7 +152,7 @@ class ExportSpec:
             architecture=architecture,
             num_layers=c.num_layers,
             hidden_size=c.hidden_size,
-            ffn_hidden_size=c.ffn_hidden_size,
+            ffn_hidden_size=(c.moe_ffn_hidden_size or c.ffn_hidden_size) if c.num_moe_experts else c.ffn_hidden_size,
             num_attention_heads=c.num_attention_heads,
             num_query_groups=c.num_query_groups or c.num_attention_heads,
             head_dim=c.kv_channels,
@@ -159,7 +168,27 @@ class ExportSpec:
             activation=activation,
             hidden_dropout=float(c.hidden_dropout),
             attention_dropout=float(c.attention_dropout),
+            num_experts=c.num_moe_experts or None,
+            experts_per_token=c.moe_router_topk if c.num_moe_experts else None,
         )
+
+
+def _mixtral_problems(c) -> list[str]:
+    """What keeps a megatron MoE config from computing ``MixtralForCausalLM``'s function: Mixtral routes each
+    token to its top-k experts by softmax probabilities renormalized over those k (megatron's softmax of
+    the top-k logits), keeps every token (no capacity), and has no biases or shared experts."""
+    checks = [
+        (not c.moe_router_pre_softmax, "moe_router_pre_softmax (Mixtral renormalizes the top-k probabilities)"),
+        (c.moe_router_score_function == "softmax", f"moe_router_score_function={c.moe_router_score_function!r}"),
+        (c.moe_router_topk_scaling_factor is None, "moe_router_topk_scaling_factor"),
+        (not c.moe_router_enable_expert_bias, "moe_router_enable_expert_bias"),
+        (c.moe_router_num_groups is None, "group-limited routing (moe_router_num_groups)"),
+        (c.moe_expert_capacity_factor is None, "moe_expert_capacity_factor (Mixtral drops no tokens)"),
+        (not c.moe_shared_expert_intermediate_size, "shared experts"),
+        (c.moe_layer_freq == 1, "dense layers between MoE layers (moe_layer_freq)"),
+        (not (c.add_bias_linear or getattr(c, "add_qkv_bias", False)), "linear biases (Mixtral has none)"),
+    ]
+    return [f"MoE: {message}" for ok, message in checks if not ok]
 
 
 # megatron-core's Llama-3.1 RoPE scaling keeps these fixed (RotaryEmbedding._apply_scaling's defaults).

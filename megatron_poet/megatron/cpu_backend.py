@@ -18,11 +18,15 @@ megatron-core assumes CUDA in a handful of places that a CPU run reaches:
 4. ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``
    -> rebound to the same scaling without that assertion.
 5. ``torch.cuda.synchronize`` / ``current_stream`` / ``default_stream`` /
-   ``Stream`` / ``stream`` (checkpointing, DDP) -> no-ops on a dummy stream.
+   ``Stream`` / ``stream`` (checkpointing, DDP, MoE's alltoall dispatcher) -> no-ops on a dummy
+   stream whose events are already complete.
 6. The constructors of ``DistributedOptimizer`` and (``--bf16``) ``Float16OptimizerWithFloat16Params``
    accept only ``torch.cuda.*Tensor`` type names -> they run with CPU tensors reporting the CUDA
    names (only inside the constructor); the distributed optimizer's gradient reduce-scatter falls
    back to all-reduce + the local slice where gloo lacks reduce-scatter (torch 2.13's gloo has it).
+
+7. MoE's alltoall token dispatcher converts its split sizes to numpy only when copying them off a
+   GPU, and ``all_to_all_single`` refuses them as tensors -> CPU tensors are converted the same way.
 
 Nothing else changes: all computation is ordinary CPU PyTorch over gloo.
 
@@ -71,6 +75,7 @@ def use_cpu_backend_if_no_cuda() -> bool:
     _patch_rng()
     _patch_grad_clipping()
     _patch_optimizers()
+    _patch_moe_dispatcher()
     _INSTALLED = True
     return True
 
@@ -105,6 +110,19 @@ def _patch_devices() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
+class _NullEvent:
+    """Stands in for ``torch.cuda.Event`` (megatron's alltoall dispatcher waits on one): already complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _NullStream:
     """Stands in for ``torch.cuda.Stream``: CPU work is already ordered."""
 
@@ -118,7 +136,7 @@ class _NullStream:
         pass
 
     def record_event(self, event=None):
-        return None
+        return _NullEvent()
 
     def synchronize(self) -> None:
         pass
@@ -277,12 +295,26 @@ def _patch_optimizers() -> None:
     param_and_grad_buffer.dist_reduce_scatter_func = _with_fallback(param_and_grad_buffer.dist_reduce_scatter_func)
 
 
+def _patch_moe_dispatcher() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    to_cpu = token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(to_cpu)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        moved = to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+        return moved.numpy() if as_numpy and torch.is_tensor(moved) else moved
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def initialize_distributed(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 10,
     virtual_pipeline_model_parallel_size: int | None = None,
+    expert_model_parallel_size: int = 1,
 ) -> str:
     """Set up ``torch.distributed``, megatron's parallel state and its RNG tracker.
 
@@ -290,7 +322,8 @@ def initialize_distributed(
     torchrun). Uses nccl with one GPU per local rank when CUDA is available,
     otherwise installs the CPU backend and uses gloo. The data-parallel size is
     ``world_size / (tp * pp)``; ``virtual_pipeline_model_parallel_size`` is the number of model
-    chunks per pipeline rank of the interleaved schedule (``None``: one). Returns the backend name.
+    chunks per pipeline rank of the interleaved schedule (``None``: one); ``expert_model_parallel_size``
+    the ranks MoE experts are spread over (expert tensor-parallel size 1). Returns the backend name.
     """
     cpu = use_cpu_backend_if_no_cuda()
     backend = "gloo" if cpu else "nccl"
@@ -317,6 +350,7 @@ def initialize_distributed(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size, expert_tensor_parallel_size=1,
     )
     model_parallel_cuda_manual_seed(seed)
     # Tensor-parallel ranks compute the replicated POET factors' rotations: one kernel configuration.

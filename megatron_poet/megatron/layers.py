@@ -95,16 +95,22 @@ class _POETParallelLinear(POETModule):
         self.name = name or tp_comm_buffer_name or type(self).__name__
         if not isinstance(poet, POETConfig):
             raise TypeError(f"POET layer {self.name!r}: poet must be a POETConfig, got {type(poet).__name__}")
-        if is_expert:
-            raise ValueError(f"POET layer {self.name!r}: MoE expert linears are not supported")
+        if is_expert and poet.shard_fp32_master:
+            raise ValueError(f"POET layer {self.name!r}: an fp32 master of A0 sharded over data-parallel ranks is "
+                             "not implemented for MoE experts")
         if getattr(config, "delay_wgrad_compute", False):
             raise ValueError(f"POET layer {self.name!r}: delay_wgrad_compute is not supported (no weight GEMM grads)")
         self.config, self.poet = config, poet
         self.input_size, self.output_size = input_size, output_size
         self.skip_bias_add = skip_bias_add
-        self.sequence_parallel = bool(config.sequence_parallel)
+        # An expert's tokens arrive whole from megatron's token dispatcher: no sequence-parallel gather.
+        self.is_expert = is_expert
+        self.sequence_parallel = bool(config.sequence_parallel) and not is_expert
         self.tp_group = compat.tp_group_or_default(tp_group)
         tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
+        if is_expert and tp_size > 1:
+            raise ValueError(f"POET layer {self.name!r}: POET experts are not split over tensor-parallel ranks "
+                             f"(expert tensor-parallel size {tp_size}; use 1)")
         self.tp_size = tp_size
         groups = poet.permutation_groups or tp_size
         sharded_size, replicated_size = (output_size, input_size) if self.column else (input_size, output_size)
@@ -140,7 +146,10 @@ class _POETParallelLinear(POETModule):
         # with sequence parallelism it sees only local tokens and the partial gradients are summed
         # (the LayerNorm mechanism); without, every rank has the whole gradient and they are averaged.
         replicated_side.skew.sequence_parallel = self.sequence_parallel
-        replicated_side.skew.average_gradients_across_tp_domain = not self.sequence_parallel
+        replicated_side.skew.average_gradients_across_tp_domain = not (self.sequence_parallel or is_expert)
+        if is_expert:  # reduced over the expert DP group by megatron's DDP; optimized by its expert optimizer
+            for param in self.parameters():
+                param.allreduce = False
         if self.bias is not None:
             if self.column:
                 compat.mark_tensor_parallel(self.bias, dim=0, stride=stride)

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .moe import global_expert_paths
 from .sharding import mix_seed
 from .vocab_padding import VOCABULARY_PARAMETERS
 
@@ -39,14 +40,17 @@ def global_names(model: nn.Module) -> Callable[[str], str]:
     """``fn(local module/parameter path) -> layout-independent name``.
 
     ``decoder.layers.<local index>.rest`` becomes ``layer<global layer_number>.rest``
-    (megatron's ``TransformerLayer.layer_number`` already counts the pipeline offset);
-    other paths are unchanged.
+    (megatron's ``TransformerLayer.layer_number`` already counts the pipeline offset), and an MoE
+    layer's ``experts.local_experts.<local index>`` its ``experts.<global expert index>``
+    (:func:`.moe.global_expert_paths`); other paths are unchanged.
     """
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     layers = {name: m.layer_number for name, m in model.named_modules() if isinstance(m, TransformerLayer)}
+    expert_path = global_expert_paths(model)
 
     def name_of(path: str) -> str:
+        path = expert_path(path)
         owner = max((p for p in layers if path.startswith(p + ".")), key=len, default=None)
         return path if owner is None else f"layer{layers[owner]}{path[len(owner):]}"
 

@@ -17,6 +17,7 @@ from ..poet.a0_storage import group_problem
 from ..poet.config import POETConfig
 from . import compat
 from .layers import _POETParallelLinear
+from .moe import moe_layout_errors
 from .layout_free_init import global_names, recording_init_methods, redraw_parameters
 from .sharding import ShardedDimension, mix_seed
 from .spec import gpt_block_spec
@@ -61,7 +62,7 @@ def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vo
     """
     tp = config.tensor_model_parallel_size
     heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
-    errors = []
+    errors = moe_layout_errors(config)
     for what, value in (("num_attention_heads", heads), ("num_query_groups", groups),
                         ("ffn_hidden_size", config.ffn_hidden_size), ("vocab_size", vocab_size)):
         if value is not None and value % tp:
@@ -76,9 +77,13 @@ def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vo
             ("linear_fc1", config.ffn_hidden_size * glu, glu, "output_size"),
             ("linear_fc2", config.ffn_hidden_size, 1, "input_size"),
         )
-        for layer, size, parts, what in sharded:
+        if config.num_moe_experts:  # experts are whole on their rank (expert tensor-parallel size 1)
+            ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
+            sharded = (*sharded[:2], ("expert linear_fc1", ffn * glu, glu, "output_size", 1),
+                       ("expert linear_fc2", ffn, 1, "input_size", 1))
+        for layer, size, parts, what, *split in sharded:
             try:
-                ShardedDimension(size, parts, tp, 0, n_groups, poet, layer, what)
+                ShardedDimension(size, parts, *(split or [tp]), 0, n_groups, poet, layer, what)
             except ValueError as err:
                 errors.append(str(err))
         try:

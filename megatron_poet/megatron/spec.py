@@ -24,6 +24,7 @@ from ..poet.config import POETConfig
 from . import compat
 from .attention import SDPAttention
 from .layers import POETColumnParallelLinear, POETRowParallelLinear
+from .moe import moe_mlp_spec
 
 BACKENDS = ("auto", "local", "te")
 ATTENTION = ("sdpa", "local", "te")
@@ -77,7 +78,7 @@ def resolve_backend(backend: str) -> str:
 
 def gpt_layer_spec(
     poet: POETConfig | None, normalization: str = "RMSNorm", backend: str = "auto", qk_layernorm: bool = False,
-    attention: str = "sdpa",
+    attention: str = "sdpa", num_experts: int | None = None,
 ) -> ModuleSpec:
     """A TransformerLayer spec; ``poet=None`` keeps Megatron's linears (the AdamW baseline).
 
@@ -86,8 +87,10 @@ def gpt_layer_spec(
         normalization: "RMSNorm" (Llama) or "LayerNorm" (GPT-2).
         backend: "auto", "local" or "te"; attention: "sdpa", "local" or "te" (see module docstring).
         qk_layernorm: normalize queries and keys (Megatron option).
+        num_experts: a mixture-of-experts MLP with this many experts (:mod:`.moe`); None: a dense MLP.
     """
-    spec, _ = _layer_spec_and_norm(poet, normalization, resolve_backend(backend), qk_layernorm, attention)
+    spec, _ = _layer_spec_and_norm(poet, normalization, resolve_backend(backend), qk_layernorm, attention,
+                                   num_experts)
     return spec
 
 
@@ -99,7 +102,7 @@ def gpt_block_spec(config, poet: POETConfig | None, backend: str = "auto",
     which refuses sequence parallelism on CPU.)
     """
     layer, norm = _layer_spec_and_norm(poet, config.normalization, resolve_backend(backend), config.qk_layernorm,
-                                       attention)
+                                       attention, config.num_moe_experts)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=norm)
 
 
@@ -119,11 +122,16 @@ def _core_attention(attention: str, backend: str):
     return DotProductAttention
 
 
-def _layer_spec_and_norm(poet, normalization, backend, qk_layernorm, attention="sdpa"):
+def _layer_spec_and_norm(poet, normalization, backend, qk_layernorm, attention="sdpa", num_experts=None):
     spec, norm = _linears_and_norms(poet, normalization, backend, qk_layernorm)
     self_attention = compat.replace_submodules(spec.submodules.self_attention,
                                                core_attention=_core_attention(attention, backend))
-    return compat.replace_submodules(spec, self_attention=self_attention), norm
+    spec = compat.replace_submodules(spec, self_attention=self_attention)
+    if num_experts:  # megatron's MoE layer never fuses the norm into its experts: a separate pre-MLP norm
+        linears = (None, None) if poet is None else (_bound(POETColumnParallelLinear, poet),
+                                                    _bound(POETRowParallelLinear, poet))
+        spec = compat.replace_submodules(spec, mlp=moe_mlp_spec(num_experts, *linears), pre_mlp_layernorm=norm)
+    return spec, norm
 
 
 def _linears_and_norms(poet, normalization, backend, qk_layernorm):

@@ -16,7 +16,7 @@ from megatron_poet.poet.config import MODES, VARIANTS, POETConfig
 from megatron_poet.poet.cayley import MAX_ORTHOGONALITY_ERROR, ORTHOGONALITY_WARNING
 from megatron_poet.poet.init import INIT_SCHEMES
 
-from . import architecture, checkpoint_args, fp8, metrics, profiling, recompute
+from . import architecture, checkpoint_args, fp8, metrics, moe, profiling, recompute
 from .engine import deepspeed_config
 from .flag_help import document
 
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
 
     architecture.add_arguments(p)
+    moe.add_arguments(p)
     recompute.add_arguments(p)
     deepspeed_config.add_arguments(p)
     fp8.add_arguments(p)
@@ -197,6 +198,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     architecture.fill_defaults(args)
+    moe.fill_defaults(args)
     args.deepspeed = args.deepspeed or args.zero_stage is not None
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     per_chunk, pp = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size
@@ -263,15 +265,19 @@ def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str, in
     ``parallel`` is "column" (QKV, FC1: the output dimension is split across
     tensor-parallel ranks) or "row" (attention projection, FC2: the input dimension is split).
     ``parts`` is 2 for SwiGLU's ``[gate; up]`` FC1 (llama style: its width doubles; the halves are
-    sharded and permuted apart), else 1.
+    sharded and permuted apart), else 1. With ``--num-experts``, FC1/FC2 are each expert's (of width
+    ``--moe-ffn-hidden-size``; experts are not split over tensor-parallel ranks).
     """
     qkv_out = (args.num_attention_heads + 2 * args.num_query_groups) * args.kv_channels
     fc1_parts = 2 if args.model_style == "llama" else 1
+    mlp, ffn = ("mlp.experts.linear_fc1", "mlp.experts.linear_fc2"), args.moe_ffn_hidden_size  # MoE: every layer's
+    if not args.num_experts:
+        mlp, ffn = ("mlp.linear_fc1", "mlp.linear_fc2"), args.ffn_hidden_size
     return [
         ("self_attention.linear_qkv", args.hidden_size, qkv_out, "column", 1),
         ("self_attention.linear_proj", args.num_attention_heads * args.kv_channels, args.hidden_size, "row", 1),
-        ("mlp.linear_fc1", args.hidden_size, args.ffn_hidden_size * fc1_parts, "column", fc1_parts),
-        ("mlp.linear_fc2", args.ffn_hidden_size, args.hidden_size, "row", 1),
+        (mlp[0], args.hidden_size, ffn * fc1_parts, "column", fc1_parts),
+        (mlp[1], ffn, args.hidden_size, "row", 1),
     ]
 
 
@@ -351,6 +357,7 @@ def validate_args(args: argparse.Namespace) -> None:
          f"gpt2 style's learned position table has no row for the later positions; raise "
          f"--max-position-embeddings or lower --seq-length")
     errors += architecture.argument_errors(args)
+    errors += moe.argument_errors(args)
     errors += recompute.argument_errors(args)
     errors += checkpoint_args.argument_errors(args)
     errors += deepspeed_config.deepspeed_arg_errors(args)

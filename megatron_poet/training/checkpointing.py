@@ -47,6 +47,17 @@ def _engine_mismatch(args: argparse.Namespace, path: str, written: CheckpointFor
     return None
 
 
+def _expert_layout_mismatch(args: argparse.Namespace, path: str, saved: dict) -> str | None:
+    """The distributed optimizer keeps expert state in the buckets of its expert-parallel layout: resuming it
+    at another ``--expert-model-parallel-size`` would not find it (the model weights reshard)."""
+    ep = saved.get("expert_model_parallel_size") or 1
+    if not args.num_experts or not args.use_distributed_optimizer or ep == args.expert_model_parallel_size:
+        return None
+    return (f"--load {args.load} ({os.path.basename(path)}) was saved at --expert-model-parallel-size {ep}, this run "
+            f"uses {args.expert_model_parallel_size}: the distributed optimizer's state resumes only at the same "
+            f"expert-parallel size; resume at {ep}, or start from its weights with --finetune")
+
+
 def _finetune_args(args: argparse.Namespace, path: str, written: CheckpointFormat) -> dict:
     """``--finetune`` takes model weights from a checkpoint of either engine; DeepSpeed's hold them whole."""
     if isinstance(written, DeepSpeedFormat) and (args.tensor_model_parallel_size > 1
@@ -94,6 +105,8 @@ def check_checkpoint_args(args: argparse.Namespace) -> int | None:
         if mismatch:
             raise CheckpointError(mismatch)
         saved = run_format(args).resume_args(args, path)
+        if mismatch := _expert_layout_mismatch(args, path, saved):
+            raise CheckpointError(mismatch)
     ours, saved = shape_args(args), saved_shape_args(saved)
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, command line {ours[k]!r}"
              for k in SHAPE_ARGS if saved[k] != ours[k]]

@@ -72,8 +72,10 @@ def flops_per_iteration(args: argparse.Namespace, vocab_size: int) -> float:
     micro_batches = args.global_batch_size // args.micro_batch_size  # over all DP ranks
     attn = args.num_attention_heads * args.kv_channels
     per_token = per_micro = 0.0
-    for _, d_in, d_out, _, parts in linear_shapes(args):
+    for name, d_in, d_out, _, parts in linear_shapes(args):
         tok, mb = _linear_flops(d_in, d_out, args, parts)
+        if ".experts." in name:  # MoE: each token passes its top-k experts; every expert builds its blocks
+            tok, mb = tok * args.moe_router_topk, mb * args.num_experts
         per_token, per_micro = per_token + tok, per_micro + mb
     per_token += 3 * 4.0 * s * attn
     total = args.num_layers * (per_token * tokens + per_micro * micro_batches)
@@ -152,7 +154,8 @@ class TrainingLogger:
 
     def iteration(self, iteration: int, consumed_samples: int, lr: float, loss: float,
                   grad_norm: float | None, merges: int, orth_error: float | None,
-                  a0_drift: float | None = None, skipped: str | None = None) -> bool:
+                  a0_drift: float | None = None, skipped: str | None = None,
+                  extra: dict[str, float] | None = None) -> bool:
         """Count an iteration; every ``--log-interval`` print a line. Returns whether it printed.
 
         Time per iteration is averaged over the window; loss and grad norm are this iteration's.
@@ -161,6 +164,8 @@ class TrainingLogger:
         ``a0_drift`` the largest relative change of an ``A0``'s Frobenius norm since initialization
         (merges fold orthogonal factors, which keep it at rounding level: a spectrum-drift alarm).
         ``skipped``: the message of a skipped update (printed at once), ``None`` when it was applied.
+        ``extra``: more scalars since the last line (MoE's, :mod:`.moe_metrics`): printed, except
+        those named ``moe/...``, which only go to TensorBoard.
         """
         self._window_iters += 1
         if skipped:
@@ -198,6 +203,9 @@ class TrainingLogger:
             fields += [f"merges: {merges}", f"max orth err: {orth_error:.1e}"]
             if a0_drift is not None:
                 fields.append(f"A0 norm drift: {a0_drift:.1e}")
+        extra = extra or {}
+        fields += [f"{name}: {value:.6E}" if "loss" in name else f"{name}: {value:.2f}"
+                   for name, value in extra.items() if not name.startswith("moe/")]
         fields.append(f"ETA {eta}")
         self.print(f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] " + " | ".join(fields))
         if self.writers:
@@ -210,6 +218,7 @@ class TrainingLogger:
                 scalars.update({"poet/merges": merges, "poet/max-orthogonality-error": orth_error})
                 if a0_drift is not None:
                     scalars["poet/a0-norm-drift"] = a0_drift
+            scalars.update(extra)
             for writer in self.writers:
                 writer.add_scalars(scalars, iteration)
         self._window_skipped = 0

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from . import architecture, recompute
+from . import architecture, moe, recompute
 from .arguments import poet_config
 from .fp8 import enable_run_fp8, transformer_fp8_fields
 
@@ -36,6 +36,7 @@ def transformer_config(args: argparse.Namespace):
         apply_rope_fusion=False, gradient_accumulation_fusion=False,
         layernorm_epsilon=args.norm_epsilon,
         **recompute.config_fields(args),
+        **moe.config_fields(args),
         **transformer_fp8_fields(args),
     )
     if args.model_style == "llama":

@@ -118,7 +118,8 @@ def _run(argv: list[str] | None) -> int:
     prepare_checkpoint_results_queue(background_saves=args.async_save)
     clock = SetupClock()
     backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
-                                     virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size)
+                                     virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+                                     expert_model_parallel_size=args.expert_model_parallel_size)
     try:
         try:
             clock.mark("start-up and process groups")

@@ -8,7 +8,9 @@ them part, after which each rank folds its own factors into its own ``A0`` and t
 different models without any error. Every ``N`` iterations :func:`check_replicas` hashes each
 tensor (SHA-256 of its bytes) and compares:
 
-- all parameters (trained ones and the frozen ``A0``) across the data-parallel group;
+- all parameters (trained ones and the frozen ``A0``) across the data-parallel group, except
+  MoE experts spread by expert parallelism: across the expert data-parallel group (the ranks
+  holding the same experts);
 - the parameters TP does not split (not ``tensor_model_parallel``) across the tensor-parallel group.
 
 (Permutations are drawn from seeds, not trained, and fp32 masters of ``A0`` may be sharded over
@@ -27,6 +29,8 @@ import hashlib
 import torch
 from torch import nn
 
+from megatron_poet.megatron.moe import is_expert_parameter
+
 from .finite import TrainingDiverged
 
 
@@ -39,11 +43,14 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
 
 
-def tensor_digests(chunks: list[nn.Module], tp_replicated_only: bool) -> dict[str, str]:
+def tensor_digests(chunks: list[nn.Module], tp_replicated_only: bool = False,
+                   experts: bool | None = None) -> dict[str, str]:
     """``{chunk index.name: sha256}`` of every parameter of ``chunks`` (with ``tp_replicated_only``:
-    of those not split over tensor-parallel ranks)."""
+    of those not split over tensor-parallel ranks; with ``experts`` True/False: only of those
+    that are / are not spread by expert parallelism)."""
     return {f"{index}.{name}": _digest(p) for index, chunk in enumerate(chunks) for name, p in chunk.named_parameters()
-            if not (tp_replicated_only and getattr(p, "tensor_model_parallel", False))}
+            if not (tp_replicated_only and getattr(p, "tensor_model_parallel", False))
+            and (experts is None or is_expert_parameter(p) == experts)}
 
 
 def _mismatches(group, what: str, digests: dict[str, str], limit: int = 3) -> list[str]:
@@ -73,7 +80,9 @@ def check_replicas(chunks: list[nn.Module], iteration: int) -> None:
     from megatron.core import parallel_state
 
     found = _mismatches(parallel_state.get_data_parallel_group(), "data-parallel",
-                        tensor_digests(chunks, tp_replicated_only=False))
+                        tensor_digests(chunks, experts=False))
+    found += _mismatches(parallel_state.get_expert_data_parallel_group(), "expert data-parallel",
+                         tensor_digests(chunks, experts=True))
     found += _mismatches(parallel_state.get_tensor_model_parallel_group(), "tensor-parallel",
                          tensor_digests(chunks, tp_replicated_only=True))
     everyone = [None] * torch.distributed.get_world_size()

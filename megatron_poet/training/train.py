@@ -14,6 +14,7 @@ from .engine import TrainingEngine, TrainingState
 from .engine.base import device
 from .finite import FactorCheck, IterationGuard, TrainingDiverged, check_state_before_save
 from .logging import TrainingLogger
+from .moe_metrics import MoEMetrics
 from .profiling import LoopInstruments
 from .replicas import check_replicas
 from .signals import SignalHandler
@@ -63,6 +64,8 @@ def train(
     merge_scheduler = engine.merge_scheduler
     orth_max = 0.0
     instruments = LoopInstruments(args)
+    moe_metrics = MoEMetrics.for_run(args, engine.model_chunks)
+    micro_batches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
     logger.start_training()
     try:
         while state.iteration < args.train_iters:
@@ -90,11 +93,16 @@ def train(
             hash_interval = args.check_weight_hash_across_dp_replicas_interval
             if hash_interval and state.iteration % hash_interval == 0:
                 check_replicas(engine.model_chunks, state.iteration)
+            extra = None
+            if moe_metrics is not None:  # reduced over every rank at the logger's iterations
+                moe_metrics.iteration_done(micro_batches)
+                if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+                    extra = moe_metrics.reduce()
             if loss is not None:
                 merges = merge_scheduler.merges_done if merge_scheduler else 0
                 # orth_max: largest error measured since the last log line (at log steps and just before merges)
                 if logger.iteration(state.iteration, state.consumed_samples, engine.learning_rate(), loss.mean(),
-                                    result.grad_norm, merges, orth_max, a0_drift, skipped):
+                                    result.grad_norm, merges, orth_max, a0_drift, skipped, extra):
                     orth_max = 0.0
 
             instruments.end(state.iteration)
@@ -131,6 +139,8 @@ def train(
     finally:
         instruments.close()
         signals.close()
+        if moe_metrics is not None:
+            moe_metrics.close()
     if args.async_save:  # the run waits for its save in flight (end, signal, --exit-interval)
         with logger.timed("checkpointing", "wait-for-background-save"):
             _report_saves(logger, engine.finish_saves(blocking=True))

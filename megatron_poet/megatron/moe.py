@@ -1,0 +1,105 @@
+"""Mixture-of-experts layers whose experts are POET layers, in megatron-core's ``MoELayer``.
+
+megatron-core's MoE spec is kept (``TopKRouter``, its token dispatchers, ``SequentialMLP``); only
+each expert's ``linear_fc1``/``linear_fc2`` become POET layers. The router stays a dense
+Megatron parameter trained by AdamW. Expert linears communicate nothing themselves (the
+dispatcher moves tokens and their gradients between expert-parallel ranks), so a POET expert is
+a single-device POET layer whose parameters megatron's DDP reduces over the expert
+data-parallel group (``param.allreduce = False`` with expert parallelism, as megatron's own
+expert linears).
+
+Identity: an expert is named by its *global* index (``mlp.experts.<e>``), never its index
+among a rank's local experts, so ``A0``, permutations and merge seeds are the same at every
+expert-parallel size (:func:`global_expert_paths`).
+"""
+from __future__ import annotations
+
+import re
+
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.spec_utils import ModuleSpec
+from torch import nn
+
+from . import compat
+
+if not hasattr(moe_utils, "te_general_gemm"):
+    # megatron-core 0.16.1 without Transformer Engine leaves the name undefined, and its router
+    # gating reads it (``if te_general_gemm is not None``): None selects its torch path.
+    moe_utils.te_general_gemm = None
+
+_LOCAL_EXPERT = re.compile(r"^(?P<experts>.*\.experts)\.local_experts\.(?P<index>\d+)(?P<rest>(\..*)?)$")
+
+
+def moe_mlp_spec(num_experts: int, column: type | None, row: type | None) -> ModuleSpec:
+    """megatron-core's MoE spec (router, sequential experts) with the experts' fc1/fc2 replaced.
+
+    Args:
+        num_experts: experts per MoE layer.
+        column, row: the experts' ``linear_fc1`` / ``linear_fc2`` classes (POET layers bound to their
+            config); ``None`` keeps Megatron's (the AdamW baseline).
+    """
+    spec = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts, moe_grouped_gemm=False)
+    if column is None:
+        return spec
+    experts = compat.replace_mlp_linears(spec.submodules.experts, linear_fc1=column, linear_fc2=row)
+    return compat.replace_submodules(spec, experts=experts)
+
+
+def expert_parallel_layout() -> tuple[int, int]:
+    """``(expert-parallel size, this rank's index in it)``."""
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_expert_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_rank())
+
+
+def global_expert_paths(model: nn.Module):
+    """``fn(path) -> path`` replacing ``<...>.experts.local_experts.<i>`` by ``<...>.experts.<global i>``.
+
+    Global index: ``EP rank x local experts + i`` (megatron's ``SequentialMLP`` assignment, the
+    same its checkpoints use). Other paths are unchanged.
+    """
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    local_counts = {name: m.num_local_experts for name, m in model.named_modules() if isinstance(m, SequentialMLP)}
+    if not local_counts:
+        return lambda path: path
+    _, ep_rank = expert_parallel_layout()
+
+    def rename(path: str) -> str:
+        match = _LOCAL_EXPERT.match(path)
+        if match is None:
+            return path
+        owner = match["experts"]
+        index = ep_rank * local_counts[owner] + int(match["index"])
+        return f"{owner}.{index}{match['rest']}"
+
+    return rename
+
+
+def is_expert_parameter(param: nn.Parameter) -> bool:
+    """Whether megatron reduces ``param``'s gradient over the expert data-parallel group (EP > 1)."""
+    return not getattr(param, "allreduce", True)
+
+
+def moe_layout_errors(config) -> list[str]:
+    """Problems of ``config``'s MoE layout for POET experts (empty without MoE)."""
+    experts = config.num_moe_experts
+    if not experts:
+        return []
+    errors = []
+    ep = config.expert_model_parallel_size
+    if experts % ep:
+        errors.append(f"expert_model_parallel_size={ep} does not divide num_moe_experts={experts}")
+    if not 1 <= config.moe_router_topk <= experts:
+        errors.append(f"moe_router_topk={config.moe_router_topk} must be between 1 and num_moe_experts={experts}")
+    if (config.expert_tensor_parallel_size or 1) != 1:
+        errors.append(f"expert_tensor_parallel_size={config.expert_tensor_parallel_size}: POET experts are not "
+                      "split over tensor-parallel ranks (use 1, and expert parallelism to spread experts)")
+    if config.moe_grouped_gemm:
+        errors.append("moe_grouped_gemm: POET experts run as megatron-core's sequential experts")
+    if config.moe_shared_expert_intermediate_size:
+        errors.append("moe_shared_expert_intermediate_size: shared experts are not supported with POET experts")
+    return errors

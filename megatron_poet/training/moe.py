@@ -1,0 +1,96 @@
+"""Mixture-of-experts flags, with Megatron-LM's names and megatron-core's semantics.
+
+``--num-experts E`` replaces every transformer layer's MLP by megatron-core's ``MoELayer``: a
+dense router (trained with AdamW) sends each token to its ``--moe-router-topk`` experts, each
+expert an MLP of width ``--moe-ffn-hidden-size`` whose linears are POET layers (Megatron's with
+``--no-poet``). ``--expert-model-parallel-size`` spreads the experts over ranks (each holds
+``E / EP``); the expert data-parallel group is ``world / (EP x PP)``. The load-balancing aux loss
+(``--moe-aux-loss-coeff``) trains the router; it and the tokens each expert received are logged.
+
+Not supported, refused before any work: expert tensor parallelism (``--expert-tensor-parallel-size``
+other than 1), tensor parallelism with MoE, grouped GEMM (it needs TE or the ``grouped_gemm``
+package and Megatron's dense weights), MoE with ``--deepspeed``, and the ``flex`` dispatcher
+(DeepEP, GPUs only).
+"""
+from __future__ import annotations
+
+import argparse
+
+DISPATCHERS = ("allgather", "alltoall")
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+# Arguments that define the model's function (recorded in checkpoints, see megatron_poet.checkpoint.record).
+FLAGS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (every layer); default: dense")
+    g.add_argument("--moe-router-topk", type=int, default=2, help="experts each token is sent to")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="each expert's MLP width; default: --ffn-hidden-size")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="weight of the load-balancing loss")
+    g.add_argument("--moe-router-load-balancing-type", choices=LOAD_BALANCING, default="aux_loss",
+                   help="aux_loss: Switch Transformer's, over the micro-batch; seq_aux_loss: per sequence; "
+                        "global_aux_loss: over the global batch; none")
+    g.add_argument("--moe-token-dispatcher-type", choices=(*DISPATCHERS, "flex"), default="allgather",
+                   help="how tokens reach experts on other expert-parallel ranks (flex: DeepEP, GPUs only)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1, help="ranks the experts are spread over")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=1,
+                   help="tensor-parallel ranks per expert (only 1: experts are whole on their rank)")
+    g.add_argument("--moe-grouped-gemm", action="store_true", help="not supported (refused): sequential experts")
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    if args.num_experts:
+        args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    else:
+        args.moe_ffn_hidden_size = None
+
+
+def argument_errors(args: argparse.Namespace) -> list[str]:
+    """Bad MoE flags, one message each, before any work."""
+    errors, experts = [], args.num_experts
+    if experts is None:
+        if args.expert_model_parallel_size != 1:
+            errors.append("--expert-model-parallel-size needs --num-experts")
+        return errors
+    ep, t, pp = args.expert_model_parallel_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if experts < 1:
+        return [f"--num-experts must be >= 1, got {experts}"]
+    if not 1 <= args.moe_router_topk <= experts:
+        errors.append(f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts {experts}")
+    if ep < 1 or experts % ep:
+        errors.append(f"--expert-model-parallel-size {ep} does not divide --num-experts {experts}")
+    elif args.world_size % (ep * pp):
+        errors.append(f"--expert-model-parallel-size {ep} x --pipeline-model-parallel-size {pp} does not divide "
+                      f"the world size {args.world_size}")
+    if args.moe_ffn_hidden_size < 1:
+        errors.append(f"--moe-ffn-hidden-size must be >= 1, got {args.moe_ffn_hidden_size}")
+    if args.expert_tensor_parallel_size != 1:
+        errors.append(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size}: experts are not split over "
+                      "tensor-parallel ranks here (use 1; --expert-model-parallel-size spreads the experts)")
+    if t > 1:
+        errors.append(f"--num-experts with --tensor-model-parallel-size {t}: MoE runs without tensor parallelism here "
+                      "(use --expert-model-parallel-size and data parallelism)")
+    if args.moe_grouped_gemm:
+        errors.append("--moe-grouped-gemm is not supported: experts run as megatron-core's sequential experts")
+    if args.moe_token_dispatcher_type == "flex":
+        errors.append("--moe-token-dispatcher-type flex needs DeepEP on GPUs; use allgather or alltoall")
+    if args.deepspeed:
+        errors.append("--num-experts with --deepspeed: MoE runs on the megatron-core engine (drop --deepspeed)")
+    if args.moe_aux_loss_coeff < 0:
+        errors.append(f"--moe-aux-loss-coeff must be >= 0, got {args.moe_aux_loss_coeff}")
+    return errors
+
+
+def config_fields(args: argparse.Namespace) -> dict:
+    """megatron-core ``TransformerConfig`` fields of the MoE flags (none without ``--num-experts``)."""
+    if not args.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
