@@ -1,13 +1,14 @@
 """Mixture-of-experts with POET experts (megatron-core's MoELayer, sequential experts).
 
 1. In one process, float64: a POET MoE layer's output and gradients (input, router, every expert's
-   skew parameters) against a dense reference built independently: each token through its top-k
+   skew parameters), its experts run sequentially or batched, against a dense reference built independently: each token through its top-k
    experts' ``P A0 R`` (factors from the skews by matrix powers, :func:`test_poet_linear.dense_side`),
    weighted by the softmax of its top-k router logits (megatron's default routing, whose softmax is
    float32 whatever the dtype: the reference's too). Both modes.
-2. Through the launcher (world 2, gloo): expert-parallel size 1 (allgather dispatcher) and 2 (alltoall)
-   print the same losses over a run with two merges (to 1e-6 relative: only the order of fp32 sums differs); a checkpoint saved at EP=2
-   resumes at EP=1 and at EP=2 with the same losses, and the EP=2 resume is bitwise the uninterrupted run.
+2. Through the launcher (gloo): expert-parallel size 1 (allgather dispatcher) and 2 (alltoall), and
+   TP=2 with sequence parallelism x EP=2 with the distributed optimizer (world 4), print the same
+   losses over a run with two merges (to 1e-6 relative: only the order of fp32 sums differs); a checkpoint saved at EP=2
+   resumes at EP=1 (experts batched) and at EP=2 with the same losses, and the EP=2 resume is bitwise the uninterrupted run.
    That checkpoint (EP=2) converts to a Hugging Face ``MixtralForCausalLM`` directory.
 3. Export: a trained-looking POET MoE model exported as ``MixtralForCausalLM`` gives the training
    model's logits (fp32, 1e-4: folding P A0 R once instead of rotating activations reorders fp32
@@ -40,15 +41,15 @@ def megatron_process():
         yield
 
 
-def _moe_model(mode: str = "fast", layers: int = 1, dtype=torch.float64, scale: float = 0.2):
+def _moe_model(mode: str = "fast", layers: int = 1, dtype=torch.float64, scale: float = 0.2, batched: bool = False):
     """A Llama-style POET MoE model whose factors are away from the identity (skews of ``scale``), so they
-    matter."""
+    matter; ``batched``: its experts computed batched (``moe_grouped_gemm``)."""
     from megatron_poet.megatron.model import build_llama_model, llama_config
     from megatron_poet.poet.config import POETConfig
 
     config = llama_config(num_layers=layers, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2,
                           ffn_hidden_size=64, num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=FFN,
-                          use_cpu_initialization=True, params_dtype=dtype)
+                          use_cpu_initialization=True, params_dtype=dtype, moe_grouped_gemm=batched)
     model = build_llama_model(config, POETConfig(block_size=8, mode=mode, permutation_groups=1), 128, 16, seed=7,
                               backend="local")
     g = torch.Generator().manual_seed(3)
@@ -59,8 +60,8 @@ def _moe_model(mode: str = "fast", layers: int = 1, dtype=torch.float64, scale: 
     return model
 
 
-def _moe_layer(mode: str):
-    return _moe_model(mode).decoder.layers[0].mlp
+def _moe_layer(mode: str, batched: bool = False):
+    return _moe_model(mode, batched=batched).decoder.layers[0].mlp
 
 
 def _dense_expert(expert, skews):
@@ -76,9 +77,11 @@ def _dense_expert(expert, skews):
     return forward
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["sequential", "batched"])
 @pytest.mark.parametrize("mode", ["fast", "mem"])
-def test_poet_moe_layer_matches_float64_dense_reference(megatron_process, mode):
-    layer = _moe_layer(mode)
+def test_poet_moe_layer_matches_float64_dense_reference(megatron_process, mode, batched):
+    layer = _moe_layer(mode, batched)
+    assert type(layer.experts).__name__ == ("POETBatchedExperts" if batched else "SequentialMLP")
     experts = layer.experts.local_experts
     x = torch.randn(8, 2, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     grad_out = torch.randn_like(x)
@@ -144,13 +147,13 @@ MOE_RUN = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-
 LOSS = re.compile(r"iteration +(\d+)/ *\d+ \|.*?lm loss: ([0-9.E+-]+).*?load_balancing_loss: ([0-9.E+-]+)")
 
 
-def _launch(tmp_path, name: str, *flags: str) -> dict[int, float]:
-    """Run the training program in 2 processes; ``{iteration: lm loss}``."""
+def _launch(tmp_path, name: str, *flags: str, processes: int = 2) -> dict[int, float]:
+    """Run the training program in ``processes`` processes; ``{iteration: lm loss}``."""
     import os
 
     # (without the rendezvous variables of this process's own one-rank world, if a test set one up)
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env["GPUS_PER_NODE"] = "2"
+    env["GPUS_PER_NODE"] = str(processes)
     proc = subprocess.run([sys.executable, "-m", "megatron_poet.launch", *MOE_RUN, *flags], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{name}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -164,12 +167,18 @@ def test_expert_parallel_sizes_train_the_same_model_and_checkpoints_reshard(tmp_
     ep2 = _launch(tmp_path, "EP=2", "--train-iters", "8", "--expert-model-parallel-size", "2", "--save", "ckpt",
                   "--moe-token-dispatcher-type", "alltoall",  # (EP=1: allgather, the default)
                   "--save-interval", "6", "--check-weight-hash-across-dp-replicas-interval", "3")
-    assert set(ep1) == set(ep2) == set(range(1, 9))
+    # TP=2 (sequence parallel: each TP rank routes its own tokens) x EP=2, distributed optimizer, world 4
+    tp2_ep2 = _launch(tmp_path, "TP=2 x EP=2", "--train-iters", "8", "--expert-model-parallel-size", "2",
+                      "--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer",
+                      processes=4)
+    assert set(ep1) == set(ep2) == set(tp2_ep2) == set(range(1, 9))
     for it in ep1:  # merges after iterations 3 and 6
         assert ep1[it] == pytest.approx(ep2[it], rel=1e-6, abs=0), it
+        assert ep1[it] == pytest.approx(tp2_ep2[it], rel=1e-6, abs=0), it
     for ep in ("1", "2"):  # the checkpoint of iteration 6, resumed at either size
+        batched = ["--moe-grouped-gemm"] if ep == "1" else []  # batched experts resume sequential ones' state
         resumed = _launch(tmp_path, f"resume EP=2 -> {ep}", "--train-iters", "8", "--expert-model-parallel-size", ep,
-                          "--load", "ckpt", "--ckpt-step", "6")
+                          "--load", "ckpt", "--ckpt-step", "6", *batched)
         assert set(resumed) == {7, 8}
         for it in resumed:
             if ep == "2":
@@ -199,10 +208,12 @@ def test_expert_parallel_sizes_train_the_same_model_and_checkpoints_reshard(tmp_
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 does not divide"),
     (["--num-experts", "2", "--moe-router-topk", "3"], "--moe-router-topk 3 must be between 1 and --num-experts 2"),
     (["--num-experts", "2", "--moe-token-dispatcher-type", "flex"], "needs DeepEP"),
-    (["--num-experts", "2", "--moe-grouped-gemm"], "--moe-grouped-gemm is not supported"),
+    (["--num-experts", "2", "--moe-grouped-gemm", "--no-poet"], "--moe-grouped-gemm with --no-poet"),
+    (["--num-experts", "2", "--moe-grouped-gemm", "--poet-a0-storage", "int8"], "batched POET experts hold"),
     (["--num-experts", "2", "--zero-stage", "1"], "MoE runs on the megatron-core engine"),
     (["--num-experts", "2", "--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2"),
     (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size needs --num-experts"),
+    (["--num-experts", "2", "--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
 ])
 def test_bad_moe_flags_are_refused_before_any_work(flags, message):
     from megatron_poet.training.arguments import ArgumentError, parse_args

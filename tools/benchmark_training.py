@@ -14,6 +14,7 @@ embeddings, loss). Prints Markdown tables::
     python tools/benchmark_training.py                                  # the shape of issue 20, CPU
     python tools/benchmark_training.py --micro-batches 1 4 8 --repeats 3
     python tools/benchmark_training.py --methods fast adamw -- --bf16   # flags after -- go to every run
+    python tools/benchmark_training.py --methods fast fast-batched adamw -- --num-experts 8 --moe-ffn-hidden-size 1408
 
 Defaults: Llama-style hidden 2048, 4 layers, ffn 5632, 16 heads, seq 512, vocabulary 8192 (mock
 data), micro-batch 1, POET block 256, fp32, 1 rank. Not a test: minutes per run at these shapes.
@@ -38,7 +39,10 @@ SHAPE = ["--model-style", "llama", "--num-layers", "4", "--hidden-size", "2048",
          "--num-attention-heads", "16", "--seq-length", "512", "--max-position-embeddings", "512",
          "--micro-batch-size", "1", "--mock-data", "--vocab-size", "8192", "--poet-block-size", "256",
          "--lr", "1e-4", "--poet-merge-interval", "100000", "--log-interval", "1", "--eval-iters", "0"]
-METHODS = {"adamw": ["--no-poet"], "fast": ["--poet-mode", "fast"], "mem": ["--poet-mode", "mem"]}
+METHODS = {"adamw": ["--no-poet"], "fast": ["--poet-mode", "fast"], "mem": ["--poet-mode", "mem"],
+           # mixture of experts (with -- --num-experts N ...): POET experts computed batched, not one by one
+           "fast-batched": ["--poet-mode", "fast", "--moe-grouped-gemm"],
+           "mem-batched": ["--poet-mode", "mem", "--moe-grouped-gemm"]}
 ITERATION_MS = re.compile(r"elapsed time per iteration \(ms\): ([\d.]+)")
 TOKENS = re.compile(r"tokens/s/GPU: ([\d.]+)")
 SETUP = re.compile(r"^ set-up ([\d.]+) s: (.*)$", re.M)

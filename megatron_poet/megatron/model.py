@@ -62,7 +62,7 @@ def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vo
     """
     tp = config.tensor_model_parallel_size
     heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
-    errors = moe_layout_errors(config)
+    errors = moe_layout_errors(config, poet is not None)
     for what, value in (("num_attention_heads", heads), ("num_query_groups", groups),
                         ("ffn_hidden_size", config.ffn_hidden_size), ("vocab_size", vocab_size)):
         if value is not None and value % tp:

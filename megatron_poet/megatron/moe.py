@@ -14,6 +14,7 @@ expert-parallel size (:func:`global_expert_paths`).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from megatron.core.models.backends import LocalSpecProvider
@@ -32,18 +33,23 @@ if not hasattr(moe_utils, "te_general_gemm"):
 _LOCAL_EXPERT = re.compile(r"^(?P<experts>.*\.experts)\.local_experts\.(?P<index>\d+)(?P<rest>(\..*)?)$")
 
 
-def moe_mlp_spec(num_experts: int, column: type | None, row: type | None) -> ModuleSpec:
+def moe_mlp_spec(num_experts: int, column: type | None, row: type | None, batched: bool = False) -> ModuleSpec:
     """megatron-core's MoE spec (router, sequential experts) with the experts' fc1/fc2 replaced.
 
     Args:
         num_experts: experts per MoE layer.
         column, row: the experts' ``linear_fc1`` / ``linear_fc2`` classes (POET layers bound to their
             config); ``None`` keeps Megatron's (the AdamW baseline).
+        batched: POET experts computed all at once (:class:`.moe_batched.POETBatchedExperts`).
     """
     spec = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts, moe_grouped_gemm=False)
     if column is None:
         return spec
     experts = compat.replace_mlp_linears(spec.submodules.experts, linear_fc1=column, linear_fc2=row)
+    if batched:
+        from .moe_batched import POETBatchedExperts
+
+        experts = dataclasses.replace(experts, module=POETBatchedExperts)
     return compat.replace_submodules(spec, experts=experts)
 
 
@@ -84,8 +90,8 @@ def is_expert_parameter(param: nn.Parameter) -> bool:
     return not getattr(param, "allreduce", True)
 
 
-def moe_layout_errors(config) -> list[str]:
-    """Problems of ``config``'s MoE layout for POET experts (empty without MoE)."""
+def moe_layout_errors(config, poet_experts: bool) -> list[str]:
+    """Problems of ``config``'s MoE layout (empty without MoE); ``poet_experts``: the experts are POET layers."""
     experts = config.num_moe_experts
     if not experts:
         return []
@@ -98,8 +104,9 @@ def moe_layout_errors(config) -> list[str]:
     if (config.expert_tensor_parallel_size or 1) != 1:
         errors.append(f"expert_tensor_parallel_size={config.expert_tensor_parallel_size}: POET experts are not "
                       "split over tensor-parallel ranks (use 1, and expert parallelism to spread experts)")
-    if config.moe_grouped_gemm:
-        errors.append("moe_grouped_gemm: POET experts run as megatron-core's sequential experts")
+    if config.moe_grouped_gemm and not poet_experts:
+        errors.append("moe_grouped_gemm: Megatron's grouped experts need Transformer Engine or the grouped_gemm "
+                      "package (batched experts here are POET's)")
     if config.moe_shared_expert_intermediate_size:
         errors.append("moe_shared_expert_intermediate_size: shared experts are not supported with POET experts")
     return errors

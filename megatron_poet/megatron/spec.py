@@ -102,7 +102,7 @@ def gpt_block_spec(config, poet: POETConfig | None, backend: str = "auto",
     which refuses sequence parallelism on CPU.)
     """
     layer, norm = _layer_spec_and_norm(poet, config.normalization, resolve_backend(backend), config.qk_layernorm,
-                                       attention, config.num_moe_experts)
+                                       attention, config.num_moe_experts, config.moe_grouped_gemm)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=norm)
 
 
@@ -122,7 +122,8 @@ def _core_attention(attention: str, backend: str):
     return DotProductAttention
 
 
-def _layer_spec_and_norm(poet, normalization, backend, qk_layernorm, attention="sdpa", num_experts=None):
+def _layer_spec_and_norm(poet, normalization, backend, qk_layernorm, attention="sdpa", num_experts=None,
+                         batched_experts=False):
     spec, norm = _linears_and_norms(poet, normalization, backend, qk_layernorm)
     self_attention = compat.replace_submodules(spec.submodules.self_attention,
                                                core_attention=_core_attention(attention, backend))
@@ -130,7 +131,8 @@ def _layer_spec_and_norm(poet, normalization, backend, qk_layernorm, attention="
     if num_experts:  # megatron's MoE layer never fuses the norm into its experts: a separate pre-MLP norm
         linears = (None, None) if poet is None else (_bound(POETColumnParallelLinear, poet),
                                                     _bound(POETRowParallelLinear, poet))
-        spec = compat.replace_submodules(spec, mlp=moe_mlp_spec(num_experts, *linears), pre_mlp_layernorm=norm)
+        spec = compat.replace_submodules(spec, mlp=moe_mlp_spec(num_experts, *linears, batched_experts),
+                                         pre_mlp_layernorm=norm)
     return spec, norm
 
 

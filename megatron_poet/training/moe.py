@@ -7,10 +7,14 @@ expert an MLP of width ``--moe-ffn-hidden-size`` whose linears are POET layers (
 ``E / EP``); the expert data-parallel group is ``world / (EP x PP)``. The load-balancing aux loss
 (``--moe-aux-loss-coeff``) trains the router; it and the tokens each expert received are logged.
 
+Tensor parallelism needs ``--sequence-parallel`` (as in Megatron-LM): attention is split over TP
+ranks, each routes its own tokens to whole experts, and TP ranks are expert data-parallel ranks.
+
+``--moe-grouped-gemm`` computes a layer's POET experts batched (:mod:`megatron_poet.megatron.moe_batched`).
+
 Not supported, refused before any work: expert tensor parallelism (``--expert-tensor-parallel-size``
-other than 1), tensor parallelism with MoE, grouped GEMM (it needs TE or the ``grouped_gemm``
-package and Megatron's dense weights), MoE with ``--deepspeed``, and the ``flex`` dispatcher
-(DeepEP, GPUs only).
+other than 1), Megatron's grouped GEMM for ``--no-poet`` (it needs TE or the ``grouped_gemm``
+package), MoE with ``--deepspeed``, and the ``flex`` dispatcher (DeepEP, GPUs only).
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-model-parallel-size", type=int, default=1, help="ranks the experts are spread over")
     g.add_argument("--expert-tensor-parallel-size", type=int, default=1,
                    help="tensor-parallel ranks per expert (only 1: experts are whole on their rank)")
-    g.add_argument("--moe-grouped-gemm", action="store_true", help="not supported (refused): sequential experts")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="POET experts: all local experts computed batched (megatron_poet/megatron/moe_batched.py) "
+                        "instead of one after the other; not with --no-poet (Megatron's needs TE/grouped_gemm)")
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
@@ -50,8 +56,9 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
     """Bad MoE flags, one message each, before any work."""
     errors, experts = [], args.num_experts
     if experts is None:
-        if args.expert_model_parallel_size != 1:
-            errors.append("--expert-model-parallel-size needs --num-experts")
+        errors += [f"{flag} needs --num-experts" for flag, given in (
+            ("--expert-model-parallel-size", args.expert_model_parallel_size != 1),
+            ("--moe-grouped-gemm", args.moe_grouped_gemm)) if given]
         return errors
     ep, t, pp = args.expert_model_parallel_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if experts < 1:
@@ -68,11 +75,16 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
     if args.expert_tensor_parallel_size != 1:
         errors.append(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size}: experts are not split over "
                       "tensor-parallel ranks here (use 1; --expert-model-parallel-size spreads the experts)")
-    if t > 1:
-        errors.append(f"--num-experts with --tensor-model-parallel-size {t}: MoE runs without tensor parallelism here "
-                      "(use --expert-model-parallel-size and data parallelism)")
+    if t > 1 and not args.sequence_parallel:
+        errors.append(f"--num-experts with --tensor-model-parallel-size {t} needs --sequence-parallel (as in "
+                      "Megatron-LM: each tensor-parallel rank routes its own tokens)")
     if args.moe_grouped_gemm:
-        errors.append("--moe-grouped-gemm is not supported: experts run as megatron-core's sequential experts")
+        if not args.poet:
+            errors.append("--moe-grouped-gemm with --no-poet: Megatron's grouped experts need Transformer Engine or "
+                          "the grouped_gemm package; drop the flag")
+        if args.poet_a0_storage == "int8" or args.fp8_format or args.model_style == "gpt2":
+            errors.append("--moe-grouped-gemm: batched POET experts hold bias-free, unquantized A0 (not with "
+                          "--poet-a0-storage int8, --fp8-format or --model-style gpt2); drop the flag")
     if args.moe_token_dispatcher_type == "flex":
         errors.append("--moe-token-dispatcher-type flex needs DeepEP on GPUs; use allgather or alltoall")
     if args.deepspeed:
@@ -92,5 +104,5 @@ def config_fields(args: argparse.Namespace) -> dict:
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size, moe_grouped_gemm=args.moe_grouped_gemm,
     )
