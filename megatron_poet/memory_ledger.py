@@ -86,7 +86,7 @@ def parameter_count(config: tuple) -> int:
 
 
 def saved_bytes_per_token_layer(h: int, ffn: int, kv: int, method: str, tp: int, act: int,
-                                attention: str = "flash", heads: int = 0, seq: int = 0, topk: int = 1) -> float:
+                                attention: str = "flash", heads: int = 0, seq: int = 0, topk: int = 0) -> float:
     """Bytes one transformer layer keeps for backward per token, per GPU (sequence parallel when tp > 1).
 
     Elements, as megatron's local layer spec keeps them (checked against the measurement on CPU):
@@ -98,11 +98,11 @@ def saved_bytes_per_token_layer(h: int, ffn: int, kv: int, method: str, tp: int,
     input instead of the linear's input) plus ``P``'s input for the two row-parallel linears
     (2h) in "fast" mode, and in "mem" mode at tp > 1 (recomputing it would repeat the
     all-reduce); the column-parallel ``P`` keeps its output, which attention and SwiGLU keep anyway.
-    With mixture of experts (``topk`` > 1 experts per token) the MLP's share is kept once per routed
-    copy of the token, plus its expert output (weighted by the routing probability).
+    With mixture of experts (``topk`` experts per token; 0: a dense MLP) the MLP's share is kept once per
+    routed copy of the token, plus its expert output (weighted by the routing probability).
     """
-    moe = 0 if topk == 1 else topk * h
-    elems = 4 * h + h + (h + 2 * kv) + (h + kv) + h + topk * (h + 2 * ffn + 3 * ffn) + moe
+    copies, moe = (topk, topk * h) if topk else (1, 0)
+    elems = 4 * h + h + (h + 2 * kv) + (h + kv) + h + copies * (h + 2 * ffn + 3 * ffn) + moe
     if attention == "local":
         elems += heads * seq
     if method == "POET fast" or (method == "POET mem" and tp > 1):
@@ -112,7 +112,7 @@ def saved_bytes_per_token_layer(h: int, ffn: int, kv: int, method: str, tp: int,
 
 def saved_bytes_model(h: int, ffn: int, kv: int, layers: int, vocab: int, tokens: int, method: str, tp: int,
                       act: int, attention: str = "flash", heads: int = 0, seq: int = 0,
-                      recompute: bool = False, topk: int = 1) -> float:
+                      recompute: bool = False, topk: int = 0) -> float:
     """All layers plus the final norm (input, normalized, output) and the loss's float32 softmax. With full
     recomputation (``--recompute-granularity full``) a layer keeps only its input."""
     if recompute:
@@ -130,7 +130,8 @@ def a0_bytes_per_entry(storage: str, group: int = 256) -> float:
 def computed_ledger(model: str | tuple, tp: int, dp: int, method: str, seq: int, micro_batch: int, block: int,
                     master: bool = False, *, storage: str = "native", group: int = 256,
                     recompute: bool = False, microbatches: int = 8) -> Ledger:
-    """Per-GPU bytes for ``model`` (a name of :data:`LLAMA`/:data:`LADDER`/:data:`MOE` or a config tuple).
+    """Per-GPU bytes for ``model`` (a name of :data:`LLAMA`/:data:`LADDER`/:data:`MOE` or a config tuple;
+    MoE configs at ``tp = 1`` and without expert parallelism: experts are whole on one GPU).
 
     ``method``: "AdamW", "POET fast" or "POET mem"; ``storage``: how POET holds ``A0`` ("native" = bf16,
     "int8"); ``recompute``: full activation recomputation of every layer; ``microbatches`` per optimizer
@@ -158,6 +159,7 @@ def computed_ledger(model: str | tuple, tp: int, dp: int, method: str, seq: int,
             dequantized = 6 * max(i * o for i, o, _, _ in shapes) / tp
     tokens = seq * micro_batch
     kv = kv_heads * (h // heads)
+    topk = topk if experts else 0
     saved = saved_bytes_model(h, ffn, kv, layers, vocab, tokens, method, tp, 2, recompute=recompute, topk=topk)
     transient = max(tokens * 10 * vocab / tp,
                     2 * tokens * saved_bytes_per_token_layer(h, ffn, kv, method, tp, 2, topk=topk))

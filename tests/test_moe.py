@@ -5,9 +5,9 @@
    experts' ``P A0 R`` (factors from the skews by matrix powers, :func:`test_poet_linear.dense_side`),
    weighted by the softmax of its top-k router logits (megatron's default routing, whose softmax is
    float32 whatever the dtype: the reference's too). Both modes.
-2. Through the launcher (gloo): expert-parallel size 1 (allgather dispatcher) and 2 (alltoall), and
-   TP=2 with sequence parallelism x EP=2 with the distributed optimizer (world 4), print the same
-   losses over a run with two merges (to 1e-6 relative: only the order of fp32 sums differs); a checkpoint saved at EP=2
+2. Through the launcher (gloo): expert-parallel size 1 (allgather dispatcher) and 2 (alltoall),
+   TP=2 with sequence parallelism x EP=2 with the distributed optimizer (world 4), and PP=2 x EP=2
+   (world 4) print the same losses over a run with two merges (to 1e-6 relative: only the order of fp32 sums differs); a checkpoint saved at EP=2
    resumes at EP=1 (experts batched) and at EP=2 with the same losses, and the EP=2 resume is bitwise the uninterrupted run.
    That checkpoint (EP=2) converts to a Hugging Face ``MixtralForCausalLM`` directory.
 3. Export: a trained-looking POET MoE model exported as ``MixtralForCausalLM`` gives the training
@@ -113,6 +113,30 @@ def test_poet_moe_layer_matches_float64_dense_reference(megatron_process, mode, 
             assert torch.allclose(got, ref.grad, atol=1e-10, rtol=0), (name, side)
 
 
+@pytest.mark.parametrize("mode", ["fast", "mem"])
+def test_batched_experts_equal_sequential_ones_even_without_tokens(megatron_process, mode):
+    """An expert that gets no token still takes part (its factors get a zero gradient, so a step's block
+    gradients are complete), and the batched experts give the sequential ones' outputs and gradients."""
+    counts = torch.tensor([3, 0, 4, 1])
+    x = torch.randn(int(counts.sum()), HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    probs = torch.rand(x.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    results = []
+    for batched in (False, True):
+        experts = _moe_layer(mode, batched).experts
+        xi = x.clone().requires_grad_()
+        out, _ = experts(xi, counts, probs)
+        out.sum().backward()
+        grads = {name: p.grad for name, p in experts.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in grads.values())
+        results.append((out, xi.grad, grads))
+    (out_s, gx_s, g_s), (out_b, gx_b, g_b) = results
+    assert torch.allclose(out_s, out_b, atol=1e-12, rtol=0) and torch.allclose(gx_s, gx_b, atol=1e-12, rtol=0)
+    assert g_s.keys() == g_b.keys()
+    for name in g_s:
+        assert torch.allclose(g_s[name], g_b[name], atol=1e-12, rtol=0), name
+    assert all(float(g_b[n].abs().max()) == 0 for n in g_b if ".local_experts.1." in n)  # the idle expert
+
+
 def test_experts_are_named_by_global_index(megatron_process):
     layer = _moe_layer("fast")
     names = sorted({m.identity.rsplit(".", 1)[0] for m in layer.modules() if hasattr(m, "identity")})
@@ -166,15 +190,28 @@ def test_expert_parallel_sizes_train_the_same_model_and_checkpoints_reshard(tmp_
     ep1 = _launch(tmp_path, "EP=1", "--train-iters", "8", "--expert-model-parallel-size", "1")
     ep2 = _launch(tmp_path, "EP=2", "--train-iters", "8", "--expert-model-parallel-size", "2", "--save", "ckpt",
                   "--moe-token-dispatcher-type", "alltoall",  # (EP=1: allgather, the default)
+                  "--tensorboard-dir", "tb",
                   "--save-interval", "6", "--check-weight-hash-across-dp-replicas-interval", "3")
     # TP=2 (sequence parallel: each TP rank routes its own tokens) x EP=2, distributed optimizer, world 4
     tp2_ep2 = _launch(tmp_path, "TP=2 x EP=2", "--train-iters", "8", "--expert-model-parallel-size", "2",
                       "--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer",
-                      processes=4)
-    assert set(ep1) == set(ep2) == set(tp2_ep2) == set(range(1, 9))
+                      "--check-weight-hash-across-dp-replicas-interval", "3", processes=4)
+    # TensorBoard: the aux loss, and each expert's share of its layer's routed tokens (summing to 1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("load_balancing_loss")] == list(range(1, 9))
+    for layer in (1, 2):
+        shares = [events.Scalars(f"moe/layer{layer}/expert{e}-token-share")[-1].value for e in range(4)]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-6) and all(0 <= s <= 1 for s in shares), shares
+    # PP=2 x EP=2 (experts spread over the data-parallel ranks of each stage), world 4
+    pp2_ep2 = _launch(tmp_path, "PP=2 x EP=2", "--train-iters", "8", "--expert-model-parallel-size", "2",
+                      "--pipeline-model-parallel-size", "2", processes=4)
+    assert set(ep1) == set(ep2) == set(tp2_ep2) == set(pp2_ep2) == set(range(1, 9))
     for it in ep1:  # merges after iterations 3 and 6
-        assert ep1[it] == pytest.approx(ep2[it], rel=1e-6, abs=0), it
-        assert ep1[it] == pytest.approx(tp2_ep2[it], rel=1e-6, abs=0), it
+        for other in (ep2, tp2_ep2, pp2_ep2):
+            assert ep1[it] == pytest.approx(other[it], rel=1e-6, abs=0), it
     for ep in ("1", "2"):  # the checkpoint of iteration 6, resumed at either size
         batched = ["--moe-grouped-gemm"] if ep == "1" else []  # batched experts resume sequential ones' state
         resumed = _launch(tmp_path, f"resume EP=2 -> {ep}", "--train-iters", "8", "--expert-model-parallel-size", ep,
@@ -204,6 +241,17 @@ def test_expert_parallel_sizes_train_the_same_model_and_checkpoints_reshard(tmp_
     assert hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 
+def test_adamw_experts_with_tensor_parallelism_train_the_same_model(tmp_path):
+    """Megatron's own experts (--no-poet) at TP=2 with sequence parallelism: each TP rank routes its own
+    tokens to the same experts, whose gradients must be summed over the TP ranks (they are tagged as
+    expert parameters at every EP size)."""
+    flags = ["--no-poet", "--train-iters", "4"]
+    tp1 = _launch(tmp_path, "AdamW TP=1", *flags, processes=1)
+    tp2 = _launch(tmp_path, "AdamW TP=2", *flags, "--tensor-model-parallel-size", "2", "--sequence-parallel")
+    for it in tp1:
+        assert tp1[it] == pytest.approx(tp2[it], rel=1e-6, abs=0), it
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 does not divide"),
     (["--num-experts", "2", "--moe-router-topk", "3"], "--moe-router-topk 3 must be between 1 and --num-experts 2"),
@@ -214,6 +262,9 @@ def test_expert_parallel_sizes_train_the_same_model_and_checkpoints_reshard(tmp_
     (["--num-experts", "2", "--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2"),
     (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size needs --num-experts"),
     (["--num-experts", "2", "--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+    (["--num-experts", "2", "--compile"], "--compile with --num-experts"),
+    (["--num-experts", "2", "--moe-aux-loss-coeff", "0.1", "--moe-router-load-balancing-type", "none"],
+     "has no effect"),
 ])
 def test_bad_moe_flags_are_refused_before_any_work(flags, message):
     from megatron_poet.training.arguments import ArgumentError, parse_args

@@ -14,7 +14,7 @@ embeddings, loss). Prints Markdown tables::
     python tools/benchmark_training.py                                  # the shape of issue 20, CPU
     python tools/benchmark_training.py --micro-batches 1 4 8 --repeats 3
     python tools/benchmark_training.py --methods fast adamw -- --bf16   # flags after -- go to every run
-    python tools/benchmark_training.py --methods fast fast-batched adamw -- --num-experts 8 --moe-ffn-hidden-size 1408
+    python tools/benchmark_training.py --methods fast fast-batched adamw -- --num-experts 8 --moe-ffn-hidden-size 1536
 
 Defaults: Llama-style hidden 2048, 4 layers, ffn 5632, 16 heads, seq 512, vocabulary 8192 (mock
 data), micro-batch 1, POET block 256, fp32, 1 rank. Not a test: minutes per run at these shapes.

@@ -185,7 +185,10 @@ def _mixtral_problems(c) -> list[str]:
         (c.moe_router_num_groups is None, "group-limited routing (moe_router_num_groups)"),
         (c.moe_expert_capacity_factor is None, "moe_expert_capacity_factor (Mixtral drops no tokens)"),
         (not c.moe_shared_expert_intermediate_size, "shared experts"),
-        (c.moe_layer_freq == 1, "dense layers between MoE layers (moe_layer_freq)"),
+        (c.moe_layer_freq == 1 or (isinstance(c.moe_layer_freq, list) and all(f == 1 for f in c.moe_layer_freq)),
+         "dense layers between MoE layers (moe_layer_freq)"),
+        (not c.moe_apply_probs_on_input, "moe_apply_probs_on_input"),
+        ("sinkhorn" not in str(c.moe_router_load_balancing_type), "sinkhorn routing"),
         (not (c.add_bias_linear or getattr(c, "add_qkv_bias", False)), "linear biases (Mixtral has none)"),
     ]
     return [f"MoE: {message}" for ok, message in checks if not ok]

@@ -146,10 +146,8 @@ class _POETParallelLinear(POETModule):
         # with sequence parallelism it sees only local tokens and the partial gradients are summed
         # (the LayerNorm mechanism); without, every rank has the whole gradient and they are averaged.
         replicated_side.skew.sequence_parallel = self.sequence_parallel
+        # (an expert's parameters are tagged as experts by the model builder: moe.mark_expert_parameters)
         replicated_side.skew.average_gradients_across_tp_domain = not (self.sequence_parallel or is_expert)
-        if is_expert:  # reduced over the expert DP group by megatron's DDP; optimized by its expert optimizer
-            for param in self.parameters():
-                param.allreduce = False
         if self.bias is not None:
             if self.column:
                 compat.mark_tensor_parallel(self.bias, dim=0, stride=stride)

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .moe import global_expert_paths
+from .moe import global_expert_paths, is_expert_parameter
 from .sharding import mix_seed
 from .vocab_padding import VOCABULARY_PARAMETERS
 
@@ -130,14 +130,15 @@ def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None
         if getattr(param, "shared_embedding", False):  # the last stage's copy of tied word embeddings
             name, init = WORD_EMBEDDINGS, config.embedding_init_method
         shape = list(param.shape)
+        split = 1 if is_expert_parameter(param) else tp_size  # experts are whole on their rank (expert TP 1)
         if getattr(param, "tensor_model_parallel", False):
-            shape[param.partition_dim] *= tp_size
+            shape[param.partition_dim] *= split
         full = torch.zeros(shape, dtype=torch.float32)
         drawn = full[:vocab_size] if vocab_size is not None and name in VOCABULARY_PARAMETERS else full
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix_seed(seed, "parameter", name))
             init(drawn)
-        param.copy_(_shard(full, param, tp_size, tp_rank))
+        param.copy_(_shard(full, param, split, tp_rank))
         redrawn.append(name)
     if untracked:
         raise RuntimeError(

@@ -17,7 +17,7 @@ from ..poet.a0_storage import group_problem
 from ..poet.config import POETConfig
 from . import compat
 from .layers import _POETParallelLinear
-from .moe import moe_layout_errors
+from .moe import mark_expert_parameters, moe_layout_errors
 from .layout_free_init import global_names, recording_init_methods, redraw_parameters
 from .sharding import ShardedDimension, mix_seed
 from .spec import gpt_block_spec
@@ -132,6 +132,7 @@ def _build(
             vp_stage=vp_stage,
             **gpt_kwargs,
         )
+    mark_expert_parameters(model)
     redraw_parameters(model, seed, unpadded_vocab_size)
     if unpadded_vocab_size is not None:
         mask_padded_logits(model, unpadded_vocab_size)

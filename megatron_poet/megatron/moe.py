@@ -5,8 +5,7 @@ each expert's ``linear_fc1``/``linear_fc2`` become POET layers. The router stays
 Megatron parameter trained by AdamW. Expert linears communicate nothing themselves (the
 dispatcher moves tokens and their gradients between expert-parallel ranks), so a POET expert is
 a single-device POET layer whose parameters megatron's DDP reduces over the expert
-data-parallel group (``param.allreduce = False`` with expert parallelism, as megatron's own
-expert linears).
+data-parallel group (:func:`mark_expert_parameters`).
 
 Identity: an expert is named by its *global* index (``mlp.experts.<e>``), never its index
 among a rank's local experts, so ``A0``, permutations and merge seeds are the same at every
@@ -83,6 +82,28 @@ def global_expert_paths(model: nn.Module):
         return f"{owner}.{index}{match['rest']}"
 
     return rename
+
+
+def mark_expert_parameters(model: nn.Module) -> None:
+    """Tag every parameter of every MoE expert (POET's or Megatron's) as megatron tags expert-parallel ones:
+
+    - ``allreduce = False``: megatron's DDP reduces its gradient over the expert data-parallel group and
+      its optimizer builder puts it in the expert optimizer — at every EP size (megatron does so only
+      with EP > 1; at EP = 1 with tensor parallelism the TP ranks, which route different tokens to the
+      same experts, would then not sum their gradients), so the optimizer's structure is the same at
+      any EP size;
+    - ``tensor_model_parallel``: not a copy of another TP rank's tensor (each TP rank is its own expert
+      data-parallel rank), so the gradient norm counts it on every TP rank and the replica check does
+      not compare it across TP ranks.
+    """
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    for module in model.modules():
+        if isinstance(module, SequentialMLP):
+            for param in module.parameters():
+                param.allreduce = False
+                if not getattr(param, "tensor_model_parallel", False):
+                    compat.mark_tensor_parallel(param, dim=0)
 
 
 def is_expert_parameter(param: nn.Parameter) -> bool:

@@ -84,14 +84,23 @@ class POETBatchedExperts(SequentialMLP):
             stacked = torch.stack([layer.frozen_weight.detach() for layer in layers])
             for index, layer in enumerate(layers):
                 layer.frozen_weight.data = stacked[index]
-            setattr(self, f"_{name}_a0", stacked)  # not a buffer: the experts' own parameters are the state
+            # (no reference kept here: the experts' parameters are the state, and freeing them frees it)
 
-    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        layers = [getattr(expert, name) for expert in self.local_experts]
-        stacked = getattr(self, f"_{name}_a0")
+    @staticmethod
+    def _stacked_a0(layers: list) -> torch.Tensor:
+        """``(E, d_out, d_in)`` over the one storage the experts' ``A0`` are views of (no copy)."""
+        first = layers[0].frozen_weight
+        rows, cols = first.shape
+        stacked = first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (len(layers), rows, cols),
+                                          (rows * cols, cols, 1))
         if any(layer.frozen_weight.data_ptr() != stacked[i].data_ptr() for i, layer in enumerate(layers)):
             raise RuntimeError("an expert's A0 was replaced instead of written in place: the batched experts "
                                "no longer see it")
+        return stacked
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layers = [getattr(expert, name) for expert in self.local_experts]
+        stacked = self._stacked_a0(layers)
         if self.mode == "mem" and torch.is_grad_enabled():
             return checkpoint(batched_poet_linear, x, layers, stacked, use_reentrant=False)
         return batched_poet_linear(x, layers, stacked)
@@ -112,9 +121,9 @@ class POETBatchedExperts(SequentialMLP):
         if self.config.moe_apply_probs_on_input:
             raise ValueError("batched POET experts do not implement moe_apply_probs_on_input")
         counts = [int(c) for c in tokens_per_expert.tolist()]
-        longest = max(counts)
-        if longest == 0:
-            return x.new_zeros(x.shape), None
+        # (at least one padded row: experts without tokens still take part, so every factor of the step
+        # gets its (zero) gradient and the step's block gradients are complete, as with sequential experts)
+        longest = max(max(counts), 1)
         # padded position of each token: expert e's tokens at rows e*longest .. e*longest + count - 1
         rows = torch.cat([e * longest + torch.arange(c, device=x.device) for e, c in enumerate(counts)])
         padded = x.new_zeros(len(counts) * longest, x.shape[-1]).index_copy(0, rows, x)

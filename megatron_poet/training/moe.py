@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fill_defaults(args: argparse.Namespace) -> None:
     if args.num_experts:
-        args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+        if args.moe_ffn_hidden_size is None:
+            args.moe_ffn_hidden_size = args.ffn_hidden_size
     else:
         args.moe_ffn_hidden_size = None
 
@@ -91,6 +92,14 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
         errors.append("--num-experts with --deepspeed: MoE runs on the megatron-core engine (drop --deepspeed)")
     if args.moe_aux_loss_coeff < 0:
         errors.append(f"--moe-aux-loss-coeff must be >= 0, got {args.moe_aux_loss_coeff}")
+    elif args.moe_aux_loss_coeff > 0 and args.moe_router_load_balancing_type == "none":
+        errors.append("--moe-aux-loss-coeff has no effect with --moe-router-load-balancing-type none")
+    if args.poet_fp32_master_a0 and args.use_distributed_optimizer:
+        errors.append("--poet-fp32-master-a0 with --use-distributed-optimizer shards the fp32 master over data-parallel "
+                      "ranks, which is not implemented for MoE experts; drop one of them")
+    if args.compile:
+        errors.append("--compile with --num-experts: the token dispatch depends on data (host synchronization, "
+                      "token counts), not compiled here; drop --compile")
     return errors
 
 

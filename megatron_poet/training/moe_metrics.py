@@ -5,7 +5,8 @@
   Megatron-LM reduces them (summed over pipeline stages, averaged over data-parallel ranks) and
   printed under the same names, averaged over MoE layers and the micro-batches since the last line.
 - Tokens per expert: each router's routing map, counted during training forwards, summed over
-  data-parallel and pipeline ranks. The log line shows the busiest expert's load relative to
+  data-parallel, pipeline and tensor-parallel ranks (with sequence parallelism each routes its own
+  tokens; full recomputation counts each token twice, which leaves the shares as they are). The log line shows the busiest expert's load relative to
   the mean (1.00 = perfectly balanced); TensorBoard gets each expert's share of its layer's
   routed tokens (``moe/layer<L>/expert<E>-token-share``).
 
@@ -59,7 +60,8 @@ class MoEMetrics:
         per = max(self.micro_batches, 1) * self.num_layers
         values = {name: float(tracker[name]["values"].sum()) / per for name in names}
         moe_utils.clear_aux_losses_tracker()
-        for group in (parallel_state.get_data_parallel_group(), parallel_state.get_pipeline_model_parallel_group()):
+        for group in (parallel_state.get_data_parallel_group(), parallel_state.get_pipeline_model_parallel_group(),
+                      parallel_state.get_tensor_model_parallel_group()):  # (sequence parallel: own tokens per TP rank)
             torch.distributed.all_reduce(self.tokens, group=group)
         routed = self.tokens.sum(dim=1, keepdim=True)
         share = torch.where(routed > 0, self.tokens / routed.clamp(min=1), torch.zeros_like(self.tokens))

@@ -84,7 +84,7 @@ def check_replicas(chunks: list[nn.Module], iteration: int) -> None:
     found += _mismatches(parallel_state.get_expert_data_parallel_group(), "expert data-parallel",
                          tensor_digests(chunks, experts=True))
     found += _mismatches(parallel_state.get_tensor_model_parallel_group(), "tensor-parallel",
-                         tensor_digests(chunks, tp_replicated_only=True))
+                         tensor_digests(chunks, tp_replicated_only=True, experts=False))
     everyone = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, found)
     problems = list(dict.fromkeys(line for lines in everyone for line in lines))  # each group reports once
