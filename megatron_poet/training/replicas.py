@@ -29,8 +29,6 @@ import hashlib
 import torch
 from torch import nn
 
-from megatron_poet.megatron.moe import is_expert_parameter
-
 from .finite import TrainingDiverged
 
 
@@ -48,6 +46,8 @@ def tensor_digests(chunks: list[nn.Module], tp_replicated_only: bool = False,
     """``{chunk index.name: sha256}`` of every parameter of ``chunks`` (with ``tp_replicated_only``:
     of those not split over tensor-parallel ranks; with ``experts`` True/False: only of those
     that are / are not spread by expert parallelism)."""
+    from megatron_poet.megatron.moe import is_expert_parameter  # (imports megatron: not at the program's start)
+
     return {f"{index}.{name}": _digest(p) for index, chunk in enumerate(chunks) for name, p in chunk.named_parameters()
             if not (tp_replicated_only and getattr(p, "tensor_model_parallel", False))
             and (experts is None or is_expert_parameter(p) == experts)}
