@@ -8,7 +8,8 @@
 2. Through the launcher (gloo): expert-parallel size 1 (allgather dispatcher) and 2 (alltoall),
    TP=2 with sequence parallelism x EP=2 with the distributed optimizer (world 4), and PP=2 x EP=2
    (world 4) print the same losses over a run with two merges (to 1e-6 relative: only the order of fp32 sums differs); a checkpoint saved at EP=2
-   resumes at EP=1 (experts batched) and at EP=2 with the same losses, and the EP=2 resume is bitwise the uninterrupted run.
+   resumes at EP=1 (experts batched) and at EP=2 with the same losses, and the EP=2 resume is bitwise the uninterrupted run;
+   the distributed optimizer's fully reshardable state saved at TP=2 x EP=2 resumes at TP=1 x EP=1.
    That checkpoint (EP=2) converts to a Hugging Face ``MixtralForCausalLM`` directory.
 3. Export: a trained-looking POET MoE model exported as ``MixtralForCausalLM`` gives the training
    model's logits (fp32, 1e-4: folding P A0 R once instead of rotating activations reorders fp32
@@ -195,7 +196,8 @@ def test_expert_parallel_sizes_train_the_same_model_and_checkpoints_reshard(tmp_
     # TP=2 (sequence parallel: each TP rank routes its own tokens) x EP=2, distributed optimizer, world 4
     tp2_ep2 = _launch(tmp_path, "TP=2 x EP=2", "--train-iters", "8", "--expert-model-parallel-size", "2",
                       "--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer",
-                      "--check-weight-hash-across-dp-replicas-interval", "3", processes=4)
+                      "--check-weight-hash-across-dp-replicas-interval", "3", "--dist-ckpt-optim-fully-reshardable",
+                      "--save", "ckpt_fr", "--save-interval", "6", processes=4)
     # TensorBoard: the aux loss, and each expert's share of its layer's routed tokens (summing to 1)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -222,7 +224,13 @@ def test_expert_parallel_sizes_train_the_same_model_and_checkpoints_reshard(tmp_
                 assert resumed[it] == ep2[it], it  # bitwise: same layout, same sums
             else:
                 assert resumed[it] == pytest.approx(ep2[it], rel=1e-6, abs=0), it
-    # The distributed optimizer keeps expert state in its EP layout's buckets: another EP size is refused.
+    # The distributed optimizer's fully reshardable state (saved at TP=2 x EP=2) resumes at TP=1 x EP=1.
+    resumed = _launch(tmp_path, "resume TP=2 x EP=2 -> TP=1 x EP=1", "--train-iters", "8", "--load", "ckpt_fr",
+                      "--ckpt-step", "6", "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable")
+    assert set(resumed) == {7, 8}
+    for it in resumed:
+        assert resumed[it] == pytest.approx(tp2_ep2[it], rel=1e-6, abs=0), it
+    # Its default format keeps expert state in its EP layout's buckets: another EP size is refused.
     from megatron_poet.checkpoint import CheckpointError
     from megatron_poet.training.arguments import parse_args
     from megatron_poet.training.checkpointing import check_checkpoint_args

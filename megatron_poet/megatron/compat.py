@@ -8,6 +8,9 @@ Differences handled here:
 - 0.19's ``apply_swiglu_sharded_factory`` takes the TP and DP groups; 0.16's does not.
 - 0.16.1's ``_reduce`` all-reduces a contiguous copy but returns the original
   tensor (fixed in 0.19); the layers guard against it for every version.
+- Without Apex/TE, 0.16's distributed optimizer gives torch Adam's states a ``step`` before loading
+  the fully reshardable format, which saves none, then copies every state key from the checkpoint
+  (``KeyError: 'step'``): :func:`load_fully_reshardable_without_step` keeps the step it set.
 - Everything else our layers use (TP mappings, TP attributes, sharded-tensor
   helpers, ``apply_swiglu_sharded_factory``) is imported from here only, so a
   moved or re-signed helper is fixed in one file.
@@ -94,6 +97,27 @@ def apply_swiglu_sharded_factory(sharded_tensor, sharded_offsets, tp_group, meta
             sharded_tensor, sharded_offsets, singleton, tp_group=tp_group, dp_group=_dp_cp_group(metadata)
         )
     return _mlp.apply_swiglu_sharded_factory(sharded_tensor, sharded_offsets, singleton)
+
+
+def load_fully_reshardable_without_step() -> None:
+    """Let the distributed optimizer load ``--dist-ckpt-optim-fully-reshardable`` checkpoints with torch's Adam
+    (idempotent): a ``step`` the checkpoint lacks stays the one megatron set from the parameter groups."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "keeps_step", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group, order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    set_states.keeps_step = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
 def replace_mlp_linears(mlp_spec, **linears):

@@ -48,14 +48,17 @@ def _engine_mismatch(args: argparse.Namespace, path: str, written: CheckpointFor
 
 
 def _expert_layout_mismatch(args: argparse.Namespace, path: str, saved: dict) -> str | None:
-    """The distributed optimizer keeps expert state in the buckets of its expert-parallel layout: resuming it
-    at another ``--expert-model-parallel-size`` would not find it (the model weights reshard)."""
+    """The distributed optimizer's default format keeps expert state in the buckets of its expert-parallel layout:
+    resuming it at another ``--expert-model-parallel-size`` would not find it (the model weights reshard; the
+    fully reshardable format is per parameter)."""
     ep = saved.get("expert_model_parallel_size") or 1
-    if not args.num_experts or not args.use_distributed_optimizer or ep == args.expert_model_parallel_size:
+    if (not args.num_experts or not args.use_distributed_optimizer or args.dist_ckpt_optim_fully_reshardable
+            or ep == args.expert_model_parallel_size):
         return None
     return (f"--load {args.load} ({os.path.basename(path)}) was saved at --expert-model-parallel-size {ep}, this run "
             f"uses {args.expert_model_parallel_size}: the distributed optimizer's state resumes only at the same "
-            f"expert-parallel size; resume at {ep}, or start from its weights with --finetune")
+            f"expert-parallel size (unless saved and loaded with --dist-ckpt-optim-fully-reshardable); resume at "
+            f"{ep}, or start from its weights with --finetune")
 
 
 def _finetune_args(args: argparse.Namespace, path: str, written: CheckpointFormat) -> dict:

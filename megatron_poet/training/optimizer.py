@@ -97,6 +97,8 @@ class MegatronTrainingOptimizer:
 
     def __init__(self, args: argparse.Namespace, model_chunks: list[nn.Module]):
         from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+
+        from megatron_poet.megatron import compat
         from megatron.core.optimizer import get_standard_config_overrides
 
         self.poet_params = poet_parameters(model_chunks)
@@ -119,6 +121,7 @@ class MegatronTrainingOptimizer:
         if self.poet_params:
             overrides[ParamKey(attr=POET_PARAM_ATTR)] = poet_group_settings(args)
         self.optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+        compat.load_fully_reshardable_without_step()
         self.scheduler = lr_scheduler(args, self.optimizer)
         self._configs = [leaf.config for leaf in leaf_optimizers(self.optimizer)]
         self._configs.append(self.optimizer.config)
