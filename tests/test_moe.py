@@ -198,6 +198,16 @@ def test_expert_parallel_sizes_train_the_same_model_and_checkpoints_reshard(tmp_
                       "--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer",
                       "--check-weight-hash-across-dp-replicas-interval", "3", "--dist-ckpt-optim-fully-reshardable",
                       "--save", "ckpt_fr", "--save-interval", "6", processes=4)
+    # Experts split over the TP ranks (expert TP = TP = 2, sequence parallel); its checkpoint resumes at TP=1
+    etp2 = _launch(tmp_path, "TP=2, expert TP=2", "--train-iters", "8", "--tensor-model-parallel-size", "2",
+                   "--sequence-parallel", "--expert-tensor-parallel-size", "2", "--save", "ckpt_etp",
+                   "--save-interval", "6", "--check-weight-hash-across-dp-replicas-interval", "3")
+    resumed = _launch(tmp_path, "resume expert TP=2 -> 1", "--train-iters", "8", "--load", "ckpt_etp",
+                      "--ckpt-step", "6")
+    for it in ep1:
+        assert ep1[it] == pytest.approx(etp2[it], rel=1e-6, abs=0), it
+    for it in resumed:
+        assert resumed[it] == pytest.approx(etp2[it], rel=1e-6, abs=0), it
     # TensorBoard: the aux loss, and each expert's share of its layer's routed tokens (summing to 1)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -267,7 +277,7 @@ def test_adamw_experts_with_tensor_parallelism_train_the_same_model(tmp_path):
     (["--num-experts", "2", "--moe-grouped-gemm", "--no-poet"], "--moe-grouped-gemm with --no-poet"),
     (["--num-experts", "2", "--moe-grouped-gemm", "--poet-a0-storage", "int8"], "batched POET experts hold"),
     (["--num-experts", "2", "--zero-stage", "1"], "MoE runs on the megatron-core engine"),
-    (["--num-experts", "2", "--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2"),
+    (["--num-experts", "2", "--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2: experts are"),
     (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size needs --num-experts"),
     (["--num-experts", "2", "--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
     (["--num-experts", "2", "--compile"], "--compile with --num-experts"),

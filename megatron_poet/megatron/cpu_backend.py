@@ -315,6 +315,7 @@ def initialize_distributed(
     timeout_minutes: int = 10,
     virtual_pipeline_model_parallel_size: int | None = None,
     expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int = 1,
 ) -> str:
     """Set up ``torch.distributed``, megatron's parallel state and its RNG tracker.
 
@@ -323,7 +324,8 @@ def initialize_distributed(
     otherwise installs the CPU backend and uses gloo. The data-parallel size is
     ``world_size / (tp * pp)``; ``virtual_pipeline_model_parallel_size`` is the number of model
     chunks per pipeline rank of the interleaved schedule (``None``: one); ``expert_model_parallel_size``
-    the ranks MoE experts are spread over (expert tensor-parallel size 1). Returns the backend name.
+    the ranks MoE experts are spread over, ``expert_tensor_parallel_size`` the ranks each is split over
+    (1 or the TP size). Returns the backend name.
     """
     cpu = use_cpu_backend_if_no_cuda()
     backend = "gloo" if cpu else "nccl"
@@ -350,7 +352,7 @@ def initialize_distributed(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-        expert_model_parallel_size=expert_model_parallel_size, expert_tensor_parallel_size=1,
+        expert_model_parallel_size=expert_model_parallel_size, expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
     model_parallel_cuda_manual_seed(seed)
     # Tensor-parallel ranks compute the replicated POET factors' rotations: one kernel configuration.

@@ -108,9 +108,9 @@ class _POETParallelLinear(POETModule):
         self.sequence_parallel = bool(config.sequence_parallel) and not is_expert
         self.tp_group = compat.tp_group_or_default(tp_group)
         tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
-        if is_expert and tp_size > 1:
-            raise ValueError(f"POET layer {self.name!r}: POET experts are not split over tensor-parallel ranks "
-                             f"(expert tensor-parallel size {tp_size}; use 1)")
+        # Experts split over expert-TP ranks communicate nothing themselves either: the dispatcher hands
+        # every rank all of its experts' tokens and sums their partial outputs (megatron's explicit expert comm).
+        self.explicit_comm = is_expert and tp_size > 1
         self.tp_size = tp_size
         groups = poet.permutation_groups or tp_size
         sharded_size, replicated_size = (output_size, input_size) if self.column else (input_size, output_size)
@@ -145,7 +145,8 @@ class _POETParallelLinear(POETModule):
         # get identical updates by construction, whatever each rank's kernels summed in which order:
         # with sequence parallelism it sees only local tokens and the partial gradients are summed
         # (the LayerNorm mechanism); without, every rank has the whole gradient and they are averaged.
-        replicated_side.skew.sequence_parallel = self.sequence_parallel
+        # (an expert's replicated factor sees a partial gradient on each expert-TP rank: summed like SP's)
+        replicated_side.skew.sequence_parallel = self.sequence_parallel or self.explicit_comm
         # (an expert's parameters are tagged as experts by the model builder: moe.mark_expert_parameters)
         replicated_side.skew.average_gradients_across_tp_domain = not (self.sequence_parallel or is_expert)
         if self.bias is not None:
@@ -335,14 +336,15 @@ class POETColumnParallelLinear(_POETParallelLinear):
             raise ValueError(f"POET layer {self.name!r}: an external weight cannot be used with POET")
         self._check_ready(input_, self.input_size)
         if self._recompute():
-            comm = _ReplicatedInputComm(self.tp_group, self.sequence_parallel) if self.tp_size > 1 else None
+            tp_comm = self.tp_size > 1 and not self.explicit_comm
+            comm = _ReplicatedInputComm(self.tp_group, self.sequence_parallel) if tp_comm else None
             y = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, comm=comm,
                                        gemm=self.frozen_gemm())
         else:
             z = rotate_input(input_, self.input_side)
             if self.sequence_parallel:
                 z = compat.gather_from_sequence_parallel_region(z, group=self.tp_group)
-            elif self.tp_size > 1:
+            elif self.tp_size > 1 and not self.explicit_comm:
                 z = _ContiguousGrad.apply(compat.copy_to_tensor_model_parallel_region(z, group=self.tp_group))
             # Without a bias the consumer (attention, SwiGLU) keeps y anyway: saving it costs nothing.
             y = rotate_output(frozen_linear(z, self.frozen_weight, self.frozen_gemm()), self.output_side,
@@ -387,7 +389,7 @@ class POETRowParallelLinear(_POETParallelLinear):
         if not self.input_is_parallel and self.tp_size > 1:
             input_ = compat.scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
         self._check_ready(input_, self.sharded.local_size)
-        if self._recompute() and self.tp_size == 1:  # nothing to reduce: recompute the whole layer
+        if self._recompute() and (self.tp_size == 1 or self.explicit_comm):  # nothing to reduce: the whole layer
             return self._bias_output(
                 recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, gemm=self.frozen_gemm()))
         if self._recompute():
@@ -396,6 +398,6 @@ class POETRowParallelLinear(_POETParallelLinear):
             h = frozen_linear(rotate_input(input_, self.input_side), self.frozen_weight, self.frozen_gemm())
         if self.sequence_parallel:
             h = compat.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
-        elif self.tp_size > 1:
+        elif self.tp_size > 1 and not self.explicit_comm:  # (experts: the dispatcher sums the partial outputs)
             h = compat.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
         return self._bias_output(rotate_output(h, self.output_side))

@@ -115,6 +115,7 @@ def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    expert_tp = (parallel_state.get_expert_tensor_parallel_world_size(), parallel_state.get_expert_tensor_parallel_rank())
     config = model.config
     name_of = global_names(model)
     poet = {id(p) for m in model.modules() if isinstance(m, _POETParallelLinear) for p in m.parameters()}
@@ -130,7 +131,7 @@ def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None
         if getattr(param, "shared_embedding", False):  # the last stage's copy of tied word embeddings
             name, init = WORD_EMBEDDINGS, config.embedding_init_method
         shape = list(param.shape)
-        split = 1 if is_expert_parameter(param) else tp_size  # experts are whole on their rank (expert TP 1)
+        split, rank = expert_tp if is_expert_parameter(param) else (tp_size, tp_rank)  # experts: over expert TP
         if getattr(param, "tensor_model_parallel", False):
             shape[param.partition_dim] *= split
         full = torch.zeros(shape, dtype=torch.float32)
@@ -138,7 +139,7 @@ def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix_seed(seed, "parameter", name))
             init(drawn)
-        param.copy_(_shard(full, param, split, tp_rank))
+        param.copy_(_shard(full, param, split, rank))
         redrawn.append(name)
     if untracked:
         raise RuntimeError(

@@ -77,10 +77,10 @@ def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vo
             ("linear_fc1", config.ffn_hidden_size * glu, glu, "output_size"),
             ("linear_fc2", config.ffn_hidden_size, 1, "input_size"),
         )
-        if config.num_moe_experts:  # experts are whole on their rank (expert tensor-parallel size 1)
-            ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
-            sharded = (*sharded[:2], ("expert linear_fc1", ffn * glu, glu, "output_size", 1),
-                       ("expert linear_fc2", ffn, 1, "input_size", 1))
+        if config.num_moe_experts:  # experts split over the expert-TP ranks
+            ffn, etp = config.moe_ffn_hidden_size or config.ffn_hidden_size, config.expert_tensor_parallel_size or 1
+            sharded = (*sharded[:2], ("expert linear_fc1", ffn * glu, glu, "output_size", etp),
+                       ("expert linear_fc2", ffn, 1, "input_size", etp))
         for layer, size, parts, what, *split in sharded:
             try:
                 ShardedDimension(size, parts, *(split or [tp]), 0, n_groups, poet, layer, what)

@@ -92,9 +92,10 @@ def mark_expert_parameters(model: nn.Module) -> None:
       with EP > 1; at EP = 1 with tensor parallelism the TP ranks, which route different tokens to the
       same experts, would then not sum their gradients), so the optimizer's structure is the same at
       any EP size;
-    - ``tensor_model_parallel``: not a copy of another TP rank's tensor (each TP rank is its own expert
-      data-parallel rank), so the gradient norm counts it on every TP rank and the replica check does
-      not compare it across TP ranks.
+    - ``tensor_model_parallel``: not a copy of another TP rank's tensor (with expert TP size 1 each TP rank
+      is its own expert data-parallel rank), so the gradient norm counts it on every TP rank and the replica
+      check does not compare it across TP ranks. With expert TP = TP, a POET expert's replicated factor is a
+      copy on each expert-TP rank (its gradient summed over them like a sequence-parallel norm's): untagged.
     """
     from megatron.core.transformer.moe.experts import SequentialMLP
 
@@ -102,7 +103,8 @@ def mark_expert_parameters(model: nn.Module) -> None:
         if isinstance(module, SequentialMLP):
             for param in module.parameters():
                 param.allreduce = False
-                if not getattr(param, "tensor_model_parallel", False):
+                # (an expert-TP-replicated factor, summed over expert-TP ranks, stays a TP copy: counted once)
+                if not getattr(param, "tensor_model_parallel", False) and not getattr(param, "sequence_parallel", False):
                     compat.mark_tensor_parallel(param, dim=0)
 
 
@@ -122,9 +124,10 @@ def moe_layout_errors(config, poet_experts: bool) -> list[str]:
         errors.append(f"expert_model_parallel_size={ep} does not divide num_moe_experts={experts}")
     if not 1 <= config.moe_router_topk <= experts:
         errors.append(f"moe_router_topk={config.moe_router_topk} must be between 1 and num_moe_experts={experts}")
-    if (config.expert_tensor_parallel_size or 1) != 1:
-        errors.append(f"expert_tensor_parallel_size={config.expert_tensor_parallel_size}: POET experts are not "
-                      "split over tensor-parallel ranks (use 1, and expert parallelism to spread experts)")
+    etp, tp = config.expert_tensor_parallel_size or 1, config.tensor_model_parallel_size
+    if etp not in (1, tp):
+        errors.append(f"expert_tensor_parallel_size={etp}: experts are whole (1) or split like the attention "
+                      f"(tensor_model_parallel_size={tp})")
     if config.moe_grouped_gemm and not poet_experts:
         errors.append("moe_grouped_gemm: Megatron's grouped experts need Transformer Engine or the grouped_gemm "
                       "package (batched experts here are POET's)")

@@ -8,12 +8,14 @@ expert an MLP of width ``--moe-ffn-hidden-size`` whose linears are POET layers (
 (``--moe-aux-loss-coeff``) trains the router; it and the tokens each expert received are logged.
 
 Tensor parallelism needs ``--sequence-parallel`` (as in Megatron-LM): attention is split over TP
-ranks, each routes its own tokens to whole experts, and TP ranks are expert data-parallel ranks.
+ranks and each routes its own tokens. Experts are whole on their rank (``--expert-tensor-parallel-size
+1``, the default: TP ranks are expert data-parallel ranks) or split over the TP ranks like the attention
+(``--expert-tensor-parallel-size`` = TP: the dispatcher gives each of them all its experts' tokens and
+sums their partial outputs; a POET expert's replicated factor has its gradient summed over them).
 
 ``--moe-grouped-gemm`` computes a layer's POET experts batched (:mod:`megatron_poet.megatron.moe_batched`).
 
-Not supported, refused before any work: expert tensor parallelism (``--expert-tensor-parallel-size``
-other than 1), Megatron's grouped GEMM for ``--no-poet`` (it needs TE or the ``grouped_gemm``
+Not supported, refused before any work: ``--expert-tensor-parallel-size`` other than 1 or TP, Megatron's grouped GEMM for ``--no-poet`` (it needs TE or the ``grouped_gemm``
 package), MoE with ``--deepspeed``, and the ``flex`` dispatcher (DeepEP, GPUs only).
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="how tokens reach experts on other expert-parallel ranks (flex: DeepEP, GPUs only)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1, help="ranks the experts are spread over")
     g.add_argument("--expert-tensor-parallel-size", type=int, default=1,
-                   help="tensor-parallel ranks per expert (only 1: experts are whole on their rank)")
+                   help="ranks each expert is split over: 1 (whole experts) or --tensor-model-parallel-size")
     g.add_argument("--moe-grouped-gemm", action="store_true",
                    help="POET experts: all local experts computed batched (megatron_poet/megatron/moe_batched.py) "
                         "instead of one after the other; not with --no-poet (Megatron's needs TE/grouped_gemm)")
@@ -73,9 +75,17 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
                       f"the world size {args.world_size}")
     if args.moe_ffn_hidden_size < 1:
         errors.append(f"--moe-ffn-hidden-size must be >= 1, got {args.moe_ffn_hidden_size}")
-    if args.expert_tensor_parallel_size != 1:
-        errors.append(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size}: experts are not split over "
-                      "tensor-parallel ranks here (use 1; --expert-model-parallel-size spreads the experts)")
+    etp = args.expert_tensor_parallel_size
+    if etp not in (1, t):
+        errors.append(f"--expert-tensor-parallel-size {etp}: experts are whole on their rank (1) or split like the "
+                      f"attention (--tensor-model-parallel-size {t}); other sizes are not supported here")
+    elif etp > 1:
+        if args.moe_ffn_hidden_size % etp:
+            errors.append(f"--expert-tensor-parallel-size {etp} does not divide --moe-ffn-hidden-size "
+                          f"{args.moe_ffn_hidden_size}")
+        if args.model_style == "gpt2" or args.moe_grouped_gemm:
+            errors.append(f"--expert-tensor-parallel-size {etp} with --model-style gpt2 (expert biases) or "
+                          "--moe-grouped-gemm is not supported; use 1")
     if t > 1 and not args.sequence_parallel:
         errors.append(f"--num-experts with --tensor-model-parallel-size {t} needs --sequence-parallel (as in "
                       "Megatron-LM: each tensor-parallel rank routes its own tokens)")

@@ -119,7 +119,8 @@ def _run(argv: list[str] | None) -> int:
     clock = SetupClock()
     backend = initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                                      virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-                                     expert_model_parallel_size=args.expert_model_parallel_size)
+                                     expert_model_parallel_size=args.expert_model_parallel_size,
+                                     expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     try:
         try:
             clock.mark("start-up and process groups")
