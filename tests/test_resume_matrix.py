@@ -30,6 +30,8 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 CASES = {
     "ddp-dp2-fp32": [],
     "distopt-dp2-fp32": ["--use-distributed-optimizer"],
+    # megatron's per-parameter format (before the fix: KeyError 'step' on every resume with torch's Adam)
+    "distopt-dp2-fp32-fully-reshardable": ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"],
     "distopt-dp2-bf16-master": ["--use-distributed-optimizer", *BF16_MASTER],
     "distopt-tp2-bf16": ["--use-distributed-optimizer", "--tensor-model-parallel-size", "2", "--bf16"],
     "ddp-tp2-bf16-master": ["--tensor-model-parallel-size", "2", *BF16_MASTER],
