@@ -67,8 +67,8 @@ def linear_shapes(h: int, ffn: int, heads: int, kv_heads: int) -> list[tuple[int
 
 def unpack(config: tuple) -> tuple[int, int, int, int, int, int, int, int]:
     """``(layers, hidden, ffn, heads, kv heads, vocabulary, experts, top-k)`` of a Llama config: 6 entries
-    (dense: 0 experts, top-k 1) or 8 (mixture of experts in every layer, ``ffn`` each expert's width)."""
-    return (*config, 0, 1) if len(config) == 6 else tuple(config)
+    (dense: 0 experts, top-k 0) or 8 (mixture of experts in every layer, ``ffn`` each expert's width)."""
+    return (*config, 0, 0) if len(config) == 6 else tuple(config)
 
 
 def layer_linears(config: tuple) -> list[tuple[int, int, bool, int]]:
@@ -159,7 +159,6 @@ def computed_ledger(model: str | tuple, tp: int, dp: int, method: str, seq: int,
             dequantized = 6 * max(i * o for i, o, _, _ in shapes) / tp
     tokens = seq * micro_batch
     kv = kv_heads * (h // heads)
-    topk = topk if experts else 0
     saved = saved_bytes_model(h, ffn, kv, layers, vocab, tokens, method, tp, 2, recompute=recompute, topk=topk)
     transient = max(tokens * 10 * vocab / tp,
                     2 * tokens * saved_bytes_per_token_layer(h, ffn, kv, method, tp, 2, topk=topk))

@@ -1,7 +1,8 @@
 """Mixture-of-experts with POET experts (megatron-core's MoELayer, sequential experts).
 
 1. In one process, float64: a POET MoE layer's output and gradients (input, router, every expert's
-   skew parameters), its experts run sequentially or batched, against a dense reference built independently: each token through its top-k
+   skew parameters), its experts run sequentially or batched, both POET variants, 8-bit ``A0`` (against its
+   dequantized values), against a dense reference built independently: each token through its top-k
    experts' ``P A0 R`` (factors from the skews by matrix powers, :func:`test_poet_linear.dense_side`),
    weighted by the softmax of its top-k router logits (megatron's default routing, whose softmax is
    float32 whatever the dtype: the reference's too). Both modes.
@@ -42,17 +43,20 @@ def megatron_process():
         yield
 
 
-def _moe_model(mode: str = "fast", layers: int = 1, dtype=torch.float64, scale: float = 0.2, batched: bool = False):
+def _moe_model(mode: str = "fast", layers: int = 1, dtype=torch.float64, scale: float = 0.2, batched: bool = False,
+               variant: str = "bs", storage: str = "native"):
     """A Llama-style POET MoE model whose factors are away from the identity (skews of ``scale``), so they
-    matter; ``batched``: its experts computed batched (``moe_grouped_gemm``)."""
+    matter; ``batched``: its experts computed batched (``moe_grouped_gemm``); POET ``variant`` and ``A0``
+    ``storage`` (8-bit: groups of 16)."""
     from megatron_poet.megatron.model import build_llama_model, llama_config
     from megatron_poet.poet.config import POETConfig
 
     config = llama_config(num_layers=layers, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2,
                           ffn_hidden_size=64, num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=FFN,
                           use_cpu_initialization=True, params_dtype=dtype, moe_grouped_gemm=batched)
-    model = build_llama_model(config, POETConfig(block_size=8, mode=mode, permutation_groups=1), 128, 16, seed=7,
-                              backend="local")
+    poet = POETConfig(block_size=8, mode=mode, permutation_groups=1, variant=variant, a0_storage=storage,
+                      a0_group_size=16)
+    model = build_llama_model(config, poet, 128, 16, seed=7, backend="local")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -61,8 +65,8 @@ def _moe_model(mode: str = "fast", layers: int = 1, dtype=torch.float64, scale: 
     return model
 
 
-def _moe_layer(mode: str, batched: bool = False):
-    return _moe_model(mode, batched=batched).decoder.layers[0].mlp
+def _moe_layer(mode: str, batched: bool = False, **poet):
+    return _moe_model(mode, batched=batched, **poet).decoder.layers[0].mlp
 
 
 def _dense_expert(expert, skews):
@@ -78,10 +82,13 @@ def _dense_expert(expert, skews):
     return forward
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["sequential", "batched"])
-@pytest.mark.parametrize("mode", ["fast", "mem"])
-def test_poet_moe_layer_matches_float64_dense_reference(megatron_process, mode, batched):
-    layer = _moe_layer(mode, batched)
+@pytest.mark.parametrize("mode,batched,variant,storage", [
+    ("fast", False, "bs", "native"), ("mem", False, "bs", "native"), ("fast", True, "bs", "native"),
+    ("mem", True, "bs", "native"), ("fast", False, "fs", "native"), ("mem", True, "fs", "native"),
+    ("fast", False, "bs", "int8"), ("mem", False, "bs", "int8"),
+])
+def test_poet_moe_layer_matches_float64_dense_reference(megatron_process, mode, batched, variant, storage):
+    layer = _moe_layer(mode, batched, variant=variant, storage=storage)
     assert type(layer.experts).__name__ == ("POETBatchedExperts" if batched else "SequentialMLP")
     experts = layer.experts.local_experts
     x = torch.randn(8, 2, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -124,6 +131,8 @@ def test_batched_experts_equal_sequential_ones_even_without_tokens(megatron_proc
     results = []
     for batched in (False, True):
         experts = _moe_layer(mode, batched).experts
+        storages = {e.linear_fc1.frozen_weight.untyped_storage().data_ptr() for e in experts.local_experts}
+        assert len(storages) == (1 if batched else len(experts.local_experts))  # batched: views of one A0, no copy
         xi = x.clone().requires_grad_()
         out, _ = experts(xi, counts, probs)
         out.sum().backward()

@@ -40,15 +40,16 @@ def dense_side(side, packed=None):
     else:
         blocks = (eye + q) @ sum(torch.linalg.matrix_power(q, j) for j in range(side.neumann_terms + 1))
     bd = torch.eye(side.dim, dtype=torch.float64)
-    for k, block in enumerate(blocks):
-        bd[k * side.block_size:(k + 1) * side.block_size, k * side.block_size:(k + 1) * side.block_size] = block
+    for k, block in enumerate(blocks):  # block k rotates the first b coordinates of segment k
+        start = k * side.segment
+        bd[start:start + side.block_size, start:start + side.block_size] = block
     pi = permutation_matrix(side.perm)
     return pi.T @ bd @ pi
 
 
 def dense_a0(layer):
-    """A0 from the pre-permuted storage: A0' = Pi_out A0 Pi_in^T."""
-    return permutation_matrix(layer.output_side.perm).T @ layer.frozen_weight.double() @ permutation_matrix(
+    """A0 from the pre-permuted storage (dequantized if 8-bit): A0' = Pi_out A0 Pi_in^T."""
+    return permutation_matrix(layer.output_side.perm).T @ layer.dense_a0(torch.float64) @ permutation_matrix(
         layer.input_side.perm)
 
 

@@ -18,7 +18,7 @@ SHAPE_ARGS = (
     "rotary_seq_len_interpolation_factor", "openai_gelu",
     # How A0 is stored (checkpoints written before 8-bit storage hold the native one).
     "poet_a0_storage", "poet_a0_group_size",
-    # megatron_poet.training.moe.FLAGS (checkpoints written before MoE are dense)
+    # MoE's shape (megatron_poet.training.moe; checkpoints written before MoE are dense)
     "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
 )
 # Recorded too, for tools reading the checkpoint (the export ships the tokenizer and the dropout) and

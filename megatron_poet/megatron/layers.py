@@ -111,6 +111,7 @@ class _POETParallelLinear(POETModule):
         # Experts split over expert-TP ranks communicate nothing themselves either: the dispatcher hands
         # every rank all of its experts' tokens and sums their partial outputs (megatron's explicit expert comm).
         self.explicit_comm = is_expert and tp_size > 1
+        self.tp_comm = tp_size > 1 and not self.explicit_comm  # the layer's own TP collectives run
         self.tp_size = tp_size
         groups = poet.permutation_groups or tp_size
         sharded_size, replicated_size = (output_size, input_size) if self.column else (input_size, output_size)
@@ -336,15 +337,14 @@ class POETColumnParallelLinear(_POETParallelLinear):
             raise ValueError(f"POET layer {self.name!r}: an external weight cannot be used with POET")
         self._check_ready(input_, self.input_size)
         if self._recompute():
-            tp_comm = self.tp_size > 1 and not self.explicit_comm
-            comm = _ReplicatedInputComm(self.tp_group, self.sequence_parallel) if tp_comm else None
+            comm = _ReplicatedInputComm(self.tp_group, self.sequence_parallel) if self.tp_comm else None
             y = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, comm=comm,
                                        gemm=self.frozen_gemm())
         else:
             z = rotate_input(input_, self.input_side)
             if self.sequence_parallel:
                 z = compat.gather_from_sequence_parallel_region(z, group=self.tp_group)
-            elif self.tp_size > 1 and not self.explicit_comm:
+            elif self.tp_comm:
                 z = _ContiguousGrad.apply(compat.copy_to_tensor_model_parallel_region(z, group=self.tp_group))
             # Without a bias the consumer (attention, SwiGLU) keeps y anyway: saving it costs nothing.
             y = rotate_output(frozen_linear(z, self.frozen_weight, self.frozen_gemm()), self.output_side,
@@ -389,7 +389,7 @@ class POETRowParallelLinear(_POETParallelLinear):
         if not self.input_is_parallel and self.tp_size > 1:
             input_ = compat.scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
         self._check_ready(input_, self.sharded.local_size)
-        if self._recompute() and (self.tp_size == 1 or self.explicit_comm):  # nothing to reduce: the whole layer
+        if self._recompute() and not self.tp_comm:  # nothing to reduce: recompute the whole layer
             return self._bias_output(
                 recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, gemm=self.frozen_gemm()))
         if self._recompute():
@@ -398,6 +398,6 @@ class POETRowParallelLinear(_POETParallelLinear):
             h = frozen_linear(rotate_input(input_, self.input_side), self.frozen_weight, self.frozen_gemm())
         if self.sequence_parallel:
             h = compat.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
-        elif self.tp_size > 1 and not self.explicit_comm:  # (experts: the dispatcher sums the partial outputs)
+        elif self.tp_comm:  # (split experts: the dispatcher sums the partial outputs)
             h = compat.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
         return self._bias_output(rotate_output(h, self.output_side))

@@ -52,14 +52,6 @@ def moe_mlp_spec(num_experts: int, column: type | None, row: type | None, batche
     return compat.replace_submodules(spec, experts=experts)
 
 
-def expert_parallel_layout() -> tuple[int, int]:
-    """``(expert-parallel size, this rank's index in it)``."""
-    from megatron.core import parallel_state
-
-    return (parallel_state.get_expert_model_parallel_world_size(),
-            parallel_state.get_expert_model_parallel_rank())
-
-
 def global_expert_paths(model: nn.Module):
     """``fn(path) -> path`` replacing ``<...>.experts.local_experts.<i>`` by ``<...>.experts.<global i>``.
 
@@ -68,17 +60,15 @@ def global_expert_paths(model: nn.Module):
     """
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    local_counts = {name: m.num_local_experts for name, m in model.named_modules() if isinstance(m, SequentialMLP)}
-    if not local_counts:
-        return lambda path: path
-    _, ep_rank = expert_parallel_layout()
+    first_expert = {name: m.ep_group.rank() * m.num_local_experts for name, m in model.named_modules()
+                    if isinstance(m, SequentialMLP)}
 
     def rename(path: str) -> str:
         match = _LOCAL_EXPERT.match(path)
         if match is None:
             return path
         owner = match["experts"]
-        index = ep_rank * local_counts[owner] + int(match["index"])
+        index = first_expert[owner] + int(match["index"])
         return f"{owner}.{index}{match['rest']}"
 
     return rename

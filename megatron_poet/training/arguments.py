@@ -266,7 +266,7 @@ def linear_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, str, in
     tensor-parallel ranks) or "row" (attention projection, FC2: the input dimension is split).
     ``parts`` is 2 for SwiGLU's ``[gate; up]`` FC1 (llama style: its width doubles; the halves are
     sharded and permuted apart), else 1. With ``--num-experts``, FC1/FC2 are each expert's (of width
-    ``--moe-ffn-hidden-size``; experts are not split over tensor-parallel ranks).
+    ``--moe-ffn-hidden-size``; split over TP ranks only with ``--expert-tensor-parallel-size`` = TP).
     """
     qkv_out = (args.num_attention_heads + 2 * args.num_query_groups) * args.kv_channels
     fc1_parts = 2 if args.model_style == "llama" else 1

@@ -15,8 +15,11 @@ sums their partial outputs; a POET expert's replicated factor has its gradient s
 
 ``--moe-grouped-gemm`` computes a layer's POET experts batched (:mod:`megatron_poet.megatron.moe_batched`).
 
-Not supported, refused before any work: ``--expert-tensor-parallel-size`` other than 1 or TP, Megatron's grouped GEMM for ``--no-poet`` (it needs TE or the ``grouped_gemm``
-package), MoE with ``--deepspeed``, and the ``flex`` dispatcher (DeepEP, GPUs only).
+Not supported, refused before any work: ``--expert-tensor-parallel-size`` other than 1 or TP,
+Megatron's grouped GEMM for ``--no-poet`` (it needs TE or the ``grouped_gemm`` package), MoE with
+``--deepspeed``, and the ``flex`` dispatcher (DeepEP, GPUs only). The flags that define the model's
+function (``--num-experts``, ``--moe-router-topk``, ``--moe-ffn-hidden-size``) are recorded in checkpoints
+(``megatron_poet.checkpoint.record.SHAPE_ARGS``).
 """
 from __future__ import annotations
 
@@ -24,8 +27,6 @@ import argparse
 
 DISPATCHERS = ("allgather", "alltoall")
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
-# Arguments that define the model's function (recorded in checkpoints, see megatron_poet.checkpoint.record).
-FLAGS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

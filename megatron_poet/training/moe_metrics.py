@@ -26,9 +26,10 @@ class MoEMetrics:
         from megatron.core.transformer.moe.router import TopKRouter
 
         self.num_layers, self.num_experts = args.num_layers, args.num_experts
+        self.micro_batches_per_iteration = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
         device = next(chunks[0].parameters()).device
         self.tokens = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=device)
-        self.micro_batches = 0
+        self.iterations = 0  # since the last reduce
         self._hooks = [m.register_forward_hook(self._count) for chunk in chunks for m in chunk.modules()
                        if isinstance(m, TopKRouter)]
 
@@ -42,8 +43,8 @@ class MoEMetrics:
             _, routing_map = output
             self.tokens[router.layer_number - 1] += routing_map.sum(dim=0).to(self.tokens)
 
-    def iteration_done(self, micro_batches: int) -> None:
-        self.micro_batches += micro_batches
+    def iteration_done(self) -> None:
+        self.iterations += 1
 
     def reduce(self) -> dict[str, float]:
         """Collective over all ranks: ``{name: value}`` since the last call, then reset.
@@ -57,7 +58,7 @@ class MoEMetrics:
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         names = sorted(tracker)
         moe_utils.reduce_aux_losses_tracker_across_ranks(names)
-        per = max(self.micro_batches, 1) * self.num_layers
+        per = max(self.iterations * self.micro_batches_per_iteration, 1) * self.num_layers
         values = {name: float(tracker[name]["values"].sum()) / per for name in names}
         moe_utils.clear_aux_losses_tracker()
         for group in (parallel_state.get_data_parallel_group(), parallel_state.get_pipeline_model_parallel_group(),
@@ -69,7 +70,7 @@ class MoEMetrics:
         values.update({f"moe/layer{layer + 1}/expert{expert}-token-share": float(share[layer, expert])
                        for layer in range(self.num_layers) for expert in range(self.num_experts)})
         self.tokens.zero_()
-        self.micro_batches = 0
+        self.iterations = 0
         return values
 
     def close(self) -> None:

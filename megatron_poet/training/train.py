@@ -65,7 +65,6 @@ def train(
     orth_max = 0.0
     instruments = LoopInstruments(args)
     moe_metrics = MoEMetrics.for_run(args, engine.model_chunks)
-    micro_batches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
     logger.start_training()
     try:
         while state.iteration < args.train_iters:
@@ -95,7 +94,7 @@ def train(
                 check_replicas(engine.model_chunks, state.iteration)
             extra = None
             if moe_metrics is not None:  # reduced over every rank at the logger's iterations
-                moe_metrics.iteration_done(micro_batches)
+                moe_metrics.iteration_done()
                 if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
                     extra = moe_metrics.reduce()
             if loss is not None:
