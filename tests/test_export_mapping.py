@@ -210,3 +210,53 @@ def test_exported_tokenizer_round_trips(tmp_path, form):
     assert hf_tok.eos_token_id == training.eod
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] == training.eod
+
+
+def test_export_is_streamed_layer_by_layer(tmp_path, monkeypatch):
+    """Shards are written while later layers are still unfolded (their A0 not yet released), so the export
+    never holds the whole dense model; the result equals the unstreamed mapping."""
+    from megatron_poet.export import hf_state_and_config, writer
+    from megatron_poet.megatron.model import build_llama_model, llama_config
+    from megatron_poet.poet.config import POETConfig
+    from megatron_poet.poet.linear import POETModule
+
+    common = dict(use_cpu_initialization=True, init_method_std=0.2, hidden_dropout=0.0, attention_dropout=0.0)
+    model = build_llama_model(llama_config(4, 64, 4, 2, 96, **common), POETConfig(block_size=16), PADDED, 64).eval()
+    _, _, whole = hf_state_and_config(model, TokenizerInfo(vocab_size=VOCAB))
+    layers = [m for m in model.modules() if isinstance(m, POETModule)]
+    released_at_save, save = [], writer._save
+
+    def recording_save(tensors, path):
+        released_at_save.append(sum(m.frozen_weight.numel() == 0 for m in layers))
+        save(tensors, path)
+
+    monkeypatch.setattr(writer, "_save", recording_save)
+    # Shards of ~one layer (a layer's bf16 weights: 4 linears, ~50 KB).
+    export_gpt_model(model, str(tmp_path), tokenizer=TokenizerInfo(vocab_size=VOCAB), dtype="bf16",
+                     max_shard_size="60KB", release_model=True)
+    assert len(released_at_save) >= 4 and released_at_save[0] < len(layers), released_at_save
+    assert released_at_save == sorted(released_at_save)
+    from safetensors.torch import load_file
+
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(whole)
+    for shard in set(index["weight_map"].values()):
+        for name, tensor in load_file(str(tmp_path / shard)).items():
+            assert torch.equal(tensor, whole[name].to(torch.bfloat16)), name
+
+
+def test_refused_export_leaves_the_directory_as_it_was(tmp_path):
+    """A non-finite layer found midway (after earlier shards were staged) changes nothing in the output."""
+    from megatron_poet.export.hf_export import UnsafeWeightsError
+
+    model = megatron_gpt("llama")
+    export_gpt_model(model, str(tmp_path), tokenizer=TokenizerInfo(vocab_size=VOCAB), max_shard_size="40KB")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.decoder.layers[1].mlp.linear_fc2.weight[0, 0] = float("nan")
+    with pytest.raises(UnsafeWeightsError, match="decoder.layers.1|model.layers.1"):
+        export_gpt_model(model, str(tmp_path), tokenizer=TokenizerInfo(vocab_size=VOCAB), max_shard_size="40KB")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with pytest.raises(ValueError, match="cannot plan shards of '5 parsecs'"):
+        export_gpt_model(model, str(tmp_path / "new"), max_shard_size="5 parsecs")
+    assert not (tmp_path / "new").exists()

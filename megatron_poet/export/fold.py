@@ -8,7 +8,7 @@ the export dtype.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -37,19 +37,18 @@ _DENSE_LINEAR_ENTRIES = ("bias", "layer_norm_weight", "layer_norm_bias", "_extra
 
 
 @torch.no_grad()
-def dense_state_dict(model: nn.Module, progress: Callable | None = None, *, dtype: torch.dtype | None = None,
-                     release: bool = False) -> dict[str, torch.Tensor]:
+def dense_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None,
+                     release: bool = False, exclude: str | None = None) -> dict[str, torch.Tensor]:
     """The model's state with every POET layer replaced by ``<layer>.weight = P A0 R``.
 
     Args:
         model: any module (e.g. a megatron-core ``GPTModel`` built at TP=1).
-        progress: optional callable wrapping an iterable (e.g. ``tqdm``) to show
-            progress over the POET layers.
         dtype: the floating dtype of the result (default float32, or wider for wider tensors); each
             folded weight is cast as soon as it is formed (in float32), so the model's weights are never
             all held in float32 at once.
         release: free each POET layer's ``A0`` once folded (the model is unusable afterwards): the dense
             weights then take the room the factors held (the exporter of a checkpoint does this).
+        exclude: leave out the entries and POET layers under this name prefix (e.g. ``"decoder.layers."``).
     Returns:
         ``{name: tensor}`` on the CPU with the names megatron's own
         (non-POET) layers would have; non-tensor entries (``_extra_state``) are dropped.
@@ -62,13 +61,15 @@ def dense_state_dict(model: nn.Module, progress: Callable | None = None, *, dtyp
             return v.detach().cpu()
         return v.detach().to("cpu", dtype or torch.promote_types(v.dtype, torch.float32))
 
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, POETModule)]
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, POETModule) and not (exclude and f"{name}.".startswith(exclude))]
     prefixes = [f"{name}." if name else "" for name, _ in layers]
     with canonical_a0(model):  # the state's A0 entries are dropped below: take them without copies
-        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not any(
-            k.startswith(p) and k[len(p):] not in _DENSE_LINEAR_ENTRIES for p in prefixes)}
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
+                 and not (exclude and k.startswith(exclude))
+                 and not any(k.startswith(p) and k[len(p):] not in _DENSE_LINEAR_ENTRIES for p in prefixes)}
     state = {k: cast(v) for k, v in state.items()}
-    for (name, module), prefix in zip(progress(layers) if progress and layers else layers, prefixes):
+    for (name, module), prefix in zip(layers, prefixes):
         state[f"{prefix}weight"] = cast(poet_dense_weight(module))
         if release:
             for tensor in (module.frozen_weight, module.frozen_scale, module.frozen_zero,
@@ -76,6 +77,29 @@ def dense_state_dict(model: nn.Module, progress: Callable | None = None, *, dtyp
                 if tensor is not None:
                     tensor.data = tensor.data.new_empty(0)
     return state
+
+
+def dense_layer_states(model: nn.Module, progress: Callable | None = None, *, dtype: torch.dtype | None = None,
+                       release: bool = False) -> tuple[dict[str, torch.Tensor], Iterator[tuple[int, dict[str, torch.Tensor]]]]:
+    """:func:`dense_state_dict` of a megatron-core ``GPTModel`` a transformer layer at a time, so a caller
+    can write each layer before the next is folded (with ``release``, the model's memory then holds
+    the folded weights of one layer beside the layers not yet folded).
+
+    Returns:
+        ``(outer, layers)``: the entries outside ``decoder.layers`` (embeddings, final norm, output layer),
+        and an iterator of ``(i, {megatron name: tensor})`` for layer ``i`` (names under ``decoder.layers.i.``),
+        each folded when the iterator reaches it. ``progress``: optional callable wrapping an iterable
+        (e.g. ``tqdm``) to show progress over the layers; the other arguments: as :func:`dense_state_dict`.
+    """
+    prefix = "decoder.layers."
+    outer = dense_state_dict(model, dtype=dtype, release=release, exclude=prefix)
+    layers = list(model.decoder.layers)
+
+    def each_layer():
+        for i, layer in enumerate(progress(layers) if progress and layers else layers):
+            yield i, {f"{prefix}{i}.{k}": v for k, v in dense_state_dict(layer, dtype=dtype, release=release).items()}
+
+    return outer, each_layer()
 
 
 # Norm names of megatron's local layer spec -> where the Transformer-Engine spec fuses them.

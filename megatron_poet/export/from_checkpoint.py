@@ -6,11 +6,12 @@ Steps (single process, CPU, whatever TP size the run used):
    safely, through the checkpoint's format (:mod:`megatron_poet.checkpoint`: megatron
    ``dist_checkpointing`` or DeepSpeed, any ZeRO stage);
 2. rebuild the run's model with the training program's own ``build_model`` at
-   TP=1 / PP=1 in fp32, with the checkpoint's padded vocabulary size (it depends
+   TP=1 / PP=1 in the run's dtype, with the checkpoint's padded vocabulary size (it depends
    on the training TP size, so the format reads it from the stored embedding);
 3. load the model tensors (``dist_checkpointing`` reshards TP>1 -> 1);
 4. refuse non-finite tensors (a diverged run's checkpoint) unless told otherwise;
-5. fold POET layers, map names and layouts, write the Hugging Face files.
+5. fold POET layers (fp32 products), map names and layouts, write the Hugging Face files — a transformer
+   layer at a time, each layer's ``A0`` freed once folded (:func:`~.hf_export.export_gpt_model`).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class ConversionResult:
 
 
 def run_arguments(saved: dict) -> tuple[argparse.Namespace, dict]:
-    """The training program's arguments for rebuilding the run's model at TP=1 in fp32.
+    """The training program's arguments for rebuilding the run's model at TP=1 (in the run's dtype).
 
     Starts from the training parser's defaults and applies the saved values.
     Returns ``(args, assumed)`` where ``assumed`` lists the :data:`FUNCTION_ARGS`
@@ -68,11 +69,11 @@ def run_arguments(saved: dict) -> tuple[argparse.Namespace, dict]:
     vars(args).update({k: v for k, v in saved_shape_args(saved).items() if k not in saved and v is not None})
     assumed = {k: getattr(args, k) for k in FUNCTION_ARGS if k not in saved and hasattr(args, k)}
     vars(args).update(saved)
-    # One unsharded copy in this process, in fp32: folding P A0 R must not round to half precision.
+    # One unsharded copy in this process, in the run's own dtype (what its checkpoint holds, so A0 takes no
+    # more room than in training); folding P A0 R computes in fp32 a layer at a time.
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = args.expert_model_parallel_size = 1
     args.virtual_pipeline_model_parallel_size = None
     args.sequence_parallel = False
-    args.bf16 = False
     args.world_size = 1
     return args, assumed
 

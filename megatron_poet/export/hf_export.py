@@ -6,11 +6,11 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from .fold import dense_state_dict
-from .hf_gpt2 import gpt2_config, gpt2_state_dict
-from .hf_llama import llama_config, llama_state_dict, mixtral_config
+from .fold import dense_layer_states
+from .hf_gpt2 import gpt2_config, gpt2_state_chunks
+from .hf_llama import llama_config, llama_state_chunks, mixtral_config
 from .spec import ExportSpec
-from .writer import DTYPES, copy_tokenizer, write_config, write_generation_config, write_safetensors
+from .writer import DTYPES, copy_tokenizer, parse_size, write_config, write_generation_config, write_safetensors
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,16 @@ def _progress(enabled: bool, desc: str, unit: str):
     return lambda items: tqdm(items, desc=desc, unit=unit)
 
 
-def hf_state_and_config(model, tokenizer: TokenizerInfo | None, progress: bool = False, *,
-                        dtype: torch.dtype | None = None, release: bool = False):
-    """Fold and map a TP=1 ``GPTModel`` to a Hugging Face state dict and config (nothing written).
+def hf_state_chunks(model, tokenizer: TokenizerInfo | None, progress: bool = False, *,
+                    dtype: torch.dtype | None = None, release: bool = False):
+    """Fold and map a TP=1 ``GPTModel`` to Hugging Face tensors and config, a transformer layer at a time
+    (nothing written; each layer is folded when the iterator reaches it).
 
     ``dtype`` and ``release``: as :func:`~.fold.dense_state_dict` (default float32, the model intact).
 
     Returns:
-        ``(spec, config, state)``: the :class:`ExportSpec`, a ``LlamaConfig`` / ``MixtralConfig`` /
-        ``GPT2Config`` and ``{hf name: tensor}``.
+        ``(spec, config, chunks)``: the :class:`ExportSpec`, a ``LlamaConfig`` / ``MixtralConfig`` /
+        ``GPT2Config`` and an iterator of ``{hf name: tensor}`` (embeddings, each layer, final norm and head).
     """
     from megatron.core import parallel_state
 
@@ -93,27 +94,28 @@ def hf_state_and_config(model, tokenizer: TokenizerInfo | None, progress: bool =
     ids = dict(bos_token_id=tokenizer.bos_token_id if tokenizer else None,
                eos_token_id=tokenizer.eos_token_id if tokenizer else None,
                pad_token_id=tokenizer.pad_token_id if tokenizer else None)
-    dense = dense_state_dict(model, _progress(progress, "folding POET layers", "layer"), dtype=dtype, release=release)
+    outer, layers = dense_layer_states(model, _progress(progress, "exporting layers", "layer"), dtype=dtype,
+                                       release=release)
     if spec.architecture in ("llama", "mixtral"):
         config = (mixtral_config if spec.num_experts else llama_config)(spec, **ids)
-        return spec, config, llama_state_dict(dense, spec)
-    return spec, gpt2_config(spec, **ids), gpt2_state_dict(dense, spec)
+        return spec, config, llama_state_chunks(outer, layers, spec)
+    return spec, gpt2_config(spec, **ids), gpt2_state_chunks(outer, layers, spec)
+
+
+def hf_state_and_config(model, tokenizer: TokenizerInfo | None, progress: bool = False, *,
+                        dtype: torch.dtype | None = None, release: bool = False):
+    """:func:`hf_state_chunks` as one state dict: ``(spec, config, {hf name: tensor})``."""
+    spec, config, chunks = hf_state_chunks(model, tokenizer, progress, dtype=dtype, release=release)
+    return spec, config, {name: tensor for chunk in chunks for name, tensor in chunk.items()}
 
 
 class UnsafeWeightsError(ValueError):
     """The folded weights would not be a model: non-finite values, or factors far from orthogonal."""
 
 
-def check_exportable(model, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Raise :class:`UnsafeWeightsError` unless every POET factor of ``model`` is within
-    ``MAX_ORTHOGONALITY_ERROR`` of orthogonal and every tensor of ``state`` (cast to ``dtype``,
-    so values beyond its range show as inf) is finite. Names the offending layers and tensors."""
-    check_factors(model)
-    check_folded(state, dtype)
-
-
 def check_factors(model) -> None:
-    """The orthogonality part of :func:`check_exportable`."""
+    """Raise :class:`UnsafeWeightsError` unless every POET factor of ``model`` is within
+    ``MAX_ORTHOGONALITY_ERROR`` of orthogonal (names the offending layers)."""
     from ..poet.cayley import MAX_ORTHOGONALITY_ERROR
     from ..poet.linear import POETModule
 
@@ -126,7 +128,8 @@ def check_factors(model) -> None:
 
 
 def check_folded(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """The finiteness part of :func:`check_exportable`."""
+    """Raise :class:`UnsafeWeightsError` unless every tensor of ``state`` cast to ``dtype`` is finite (values
+    beyond its range show as inf); names the offending tensors."""
     from ..training.finite import describe, nonfinite_tensors
 
     found = nonfinite_tensors((name, tensor.to(dtype)) for name, tensor in state.items())
@@ -151,24 +154,34 @@ def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = N
             vocabulary and writes no tokenizer.
         dtype: "fp32", "bf16" or "fp16": storage dtype (the cast happens after folding).
         max_shard_size: above this the weights are sharded with an index (e.g. "5GB").
-        progress: show tqdm progress bars.
-        check: refuse (:class:`UnsafeWeightsError`, before writing anything) folded weights that are
-            not finite in ``dtype`` or come from factors far from orthogonal (:func:`check_exportable`).
-        release_model: free each POET layer's ``A0`` once folded (for a caller done with ``model``): the
-            export then holds about one model's worth of weights, not the factors and the dense copy.
+        progress: show a tqdm progress bar over the layers.
+        check: refuse (:class:`UnsafeWeightsError`; ``out_dir`` is left as it was) folded weights that are
+            not finite in ``dtype`` or come from factors far from orthogonal (:func:`check_factors`, :func:`check_folded`).
+        release_model: free each POET layer's ``A0`` once folded (for a caller done with ``model``).
+
+    Streamed: each transformer layer is folded, mapped, checked and cast when the writer reaches it, and
+    a shard is written once full (:func:`~.writer.write_safetensors`), so the export holds at most one
+    shard of dense weights beside the model — with ``release_model``, the model's folded layers give
+    their ``A0`` back as the dense weights are formed.
     Returns:
         The model's :class:`ExportSpec`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
+    parse_size(max_shard_size)  # a bad size fails before any folding
     if check:  # before folding: a released layer has no factors left to measure
         check_factors(model)
-    spec, config, state = hf_state_and_config(model, tokenizer, progress, dtype=torch_dtype, release=release_model)
-    if check:
-        check_folded(state, torch_dtype)
-    state = {k: v.to(torch_dtype) for k, v in state.items()}
+    spec, config, chunks = hf_state_chunks(model, tokenizer, progress, dtype=torch_dtype, release=release_model)
+
+    def checked(chunk):
+        if check:
+            check_folded(chunk, torch_dtype)
+        return {k: v.to(torch_dtype) for k, v in chunk.items()}
+
     os.makedirs(out_dir, exist_ok=True)
+    # Weights first: a refusal midway leaves out_dir as it was (write_safetensors stages its shards).
+    write_safetensors(out_dir, map(checked, chunks), max_shard_size)
     # transformers < 5 reads the rotary base and scaling from top-level rope_theta / rope_scaling.
     extra = {"rope_theta": spec.rope_theta, "rope_scaling": spec.rope_scaling} if spec.rope_theta is not None else None
     write_config(out_dir, config, torch_dtype, extra)
@@ -177,7 +190,6 @@ def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = N
     else:
         write_generation_config(out_dir, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                                 pad_token_id=config.pad_token_id)
-    write_safetensors(out_dir, state, max_shard_size, _progress(progress, "writing safetensors", "shard"))
     if tokenizer is not None and tokenizer.path is not None:
         copy_tokenizer(tokenizer.path, out_dir, tokenizer.eos_token)
     return spec

@@ -7,6 +7,8 @@ megatron's ``(out, in)``, and always has biases (zeros where megatron has none).
 """
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 
 from .layout import (
@@ -40,58 +42,61 @@ def gpt2_config(spec: ExportSpec, *, bos_token_id: int | None, eos_token_id: int
     )
 
 
-def gpt2_state_dict(dense: dict[str, torch.Tensor], spec: ExportSpec) -> dict[str, torch.Tensor]:
-    """Map a dense megatron state dict (TP=1 names) to ``GPT2LMHeadModel`` names.
+def gpt2_state_chunks(outer: dict[str, torch.Tensor], layers: Iterable[tuple[int, dict[str, torch.Tensor]]],
+                      spec: ExportSpec) -> Iterator[dict[str, torch.Tensor]]:
+    """Map a dense megatron state (TP=1 names) to ``GPT2LMHeadModel`` names, a layer at a time.
 
     Args:
-        dense: ``{megatron name: tensor}``; every weight must be consumed.
+        outer, layers: as :func:`~.hf_llama.llama_state_chunks`.
         spec: the model's :class:`ExportSpec` (``architecture == "gpt2"``).
-    Returns:
-        ``{hf name: tensor}``; Conv1D weights are ``(in, out)``; ``lm_head.weight``
-        only when embeddings are untied.
+    Yields:
+        ``{hf name: tensor}``: the embeddings, each layer's tensors (Conv1D weights ``(in, out)``), then
+        the final norm and ``lm_head.weight`` (untied embeddings only).
     Raises:
-        UnsupportedModelError: for megatron entries with no GPT-2 counterpart.
+        UnsupportedModelError: for megatron entries with no GPT-2 counterpart (every weight must be consumed).
     """
-    src = MegatronState(dense)
+    src = MegatronState(outer)
+    yield {"transformer.wte.weight": trim_vocab(src.take("embedding.word_embeddings.weight"), spec),
+           "transformer.wpe.weight": src.take("embedding.position_embeddings.weight")}
+    for i, dense in layers:
+        layer = MegatronState(dense)
+        yield _layer_state(layer, i, spec)
+        layer.check_consumed()
+    tail = {"transformer.ln_f.weight": src.take("decoder.final_layernorm.weight"),
+            "transformer.ln_f.bias": src.take("decoder.final_layernorm.bias")}
+    if not spec.tie_word_embeddings:
+        tail["lm_head.weight"] = trim_vocab(src.take("output_layer.weight"), spec)
+    src.check_consumed()
+    yield tail
 
+
+def _layer_state(src: MegatronState, i: int, spec: ExportSpec) -> dict[str, torch.Tensor]:
     def bias(name: str, size: int, like: torch.Tensor) -> torch.Tensor:
         found = src.take(name, required=False)
         return found if found is not None else torch.zeros(size, dtype=like.dtype)
 
     h = spec.hidden_size
-    out = {
-        "transformer.wte.weight": trim_vocab(src.take("embedding.word_embeddings.weight"), spec),
-        "transformer.wpe.weight": src.take("embedding.position_embeddings.weight"),
-    }
-    for i in range(spec.num_layers):
-        m, g = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        out[g + "ln_1.weight"] = src.norm(i, "attention", "weight")
-        out[g + "ln_1.bias"] = src.norm(i, "attention", "bias")
-        out[g + "ln_2.weight"] = src.norm(i, "mlp", "weight")
-        out[g + "ln_2.bias"] = src.norm(i, "mlp", "bias")
-        qkv = src.take(m + "self_attention.linear_qkv.weight")
-        # Megatron interleaves [q, k, v] per head (one head per query group); GPT-2 wants [Q; K; V].
-        out[g + "attn.c_attn.weight"] = torch.cat(split_qkv(qkv, spec), dim=0).t()
-        out[g + "attn.c_attn.bias"] = torch.cat(split_qkv(bias(m + "self_attention.linear_qkv.bias", 3 * h, qkv), spec))
-        proj = src.take(m + "self_attention.linear_proj.weight")
-        out[g + "attn.c_proj.weight"] = proj.t()
-        out[g + "attn.c_proj.bias"] = bias(m + "self_attention.linear_proj.bias", h, proj)
-        fc1 = src.take(m + "mlp.linear_fc1.weight")
-        out[g + "mlp.c_fc.weight"] = fc1.t()
-        out[g + "mlp.c_fc.bias"] = bias(m + "mlp.linear_fc1.bias", spec.ffn_hidden_size, fc1)
-        fc2 = src.take(m + "mlp.linear_fc2.weight")
-        out[g + "mlp.c_proj.weight"] = fc2.t()
-        out[g + "mlp.c_proj.bias"] = bias(m + "mlp.linear_fc2.bias", h, fc2)
-    out["transformer.ln_f.weight"] = src.take("decoder.final_layernorm.weight")
-    out["transformer.ln_f.bias"] = src.take("decoder.final_layernorm.bias")
-    if not spec.tie_word_embeddings:
-        out["lm_head.weight"] = trim_vocab(src.take("output_layer.weight"), spec)
-    src.check_consumed()
+    m, g = f"decoder.layers.{i}.", f"transformer.h.{i}."
+    out = {g + "ln_1.weight": src.norm(i, "attention", "weight"), g + "ln_1.bias": src.norm(i, "attention", "bias"),
+           g + "ln_2.weight": src.norm(i, "mlp", "weight"), g + "ln_2.bias": src.norm(i, "mlp", "bias")}
+    qkv = src.take(m + "self_attention.linear_qkv.weight")
+    # Megatron interleaves [q, k, v] per head (one head per query group); GPT-2 wants [Q; K; V].
+    out[g + "attn.c_attn.weight"] = torch.cat(split_qkv(qkv, spec), dim=0).t()
+    out[g + "attn.c_attn.bias"] = torch.cat(split_qkv(bias(m + "self_attention.linear_qkv.bias", 3 * h, qkv), spec))
+    proj = src.take(m + "self_attention.linear_proj.weight")
+    out[g + "attn.c_proj.weight"] = proj.t()
+    out[g + "attn.c_proj.bias"] = bias(m + "self_attention.linear_proj.bias", h, proj)
+    fc1 = src.take(m + "mlp.linear_fc1.weight")
+    out[g + "mlp.c_fc.weight"] = fc1.t()
+    out[g + "mlp.c_fc.bias"] = bias(m + "mlp.linear_fc1.bias", spec.ffn_hidden_size, fc1)
+    fc2 = src.take(m + "mlp.linear_fc2.weight")
+    out[g + "mlp.c_proj.weight"] = fc2.t()
+    out[g + "mlp.c_proj.bias"] = bias(m + "mlp.linear_fc2.bias", h, fc2)
     return out
 
 
 def gpt2_from_hf(hf: ConsumedState, spec: ExportSpec) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`gpt2_state_dict`: a ``GPT2LMHeadModel`` state (``transformer.`` names) ->
+    """The inverse of :func:`gpt2_state_chunks`: a ``GPT2LMHeadModel`` state (``transformer.`` names) ->
     dense megatron names at TP=1, Conv1D weights transposed, vocabulary padded with zero rows.
 
     Takes every entry it maps from ``hf``; the caller reports what is left (unsupported parts).

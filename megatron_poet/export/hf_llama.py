@@ -12,6 +12,8 @@ Mixtral checkpoints' naming, which ``transformers`` fuses on load).
 """
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 
 from .layout import (
@@ -82,49 +84,59 @@ def _mlp_state(src: MegatronState, m: str, h: str, spec: ExportSpec) -> dict[str
     return out
 
 
-def llama_state_dict(dense: dict[str, torch.Tensor], spec: ExportSpec) -> dict[str, torch.Tensor]:
-    """Map a dense megatron state dict (TP=1 names) to ``LlamaForCausalLM`` names.
+def llama_state_chunks(outer: dict[str, torch.Tensor], layers: Iterable[tuple[int, dict[str, torch.Tensor]]],
+                       spec: ExportSpec) -> Iterator[dict[str, torch.Tensor]]:
+    """Map a dense megatron state (TP=1 names) to ``LlamaForCausalLM`` names, a layer at a time.
 
     Args:
-        dense: ``{megatron name: tensor}``; every weight must be consumed.
+        outer: the entries outside ``decoder.layers`` (embeddings, final norm, output layer).
+        layers: ``(i, {megatron name: tensor})`` per transformer layer, e.g. from
+            :func:`~.fold.dense_layer_states` (taken one at a time).
         spec: the model's :class:`ExportSpec` (architecture "llama" or "mixtral").
-    Returns:
-        ``{hf name: tensor}`` (``MixtralForCausalLM`` names for "mixtral"); ``lm_head.weight`` only
-        when embeddings are untied.
+    Yields:
+        ``{hf name: tensor}``: the embedding, each layer's tensors (``MixtralForCausalLM`` names for
+        "mixtral"), then the final norm and ``lm_head.weight`` (untied embeddings only).
     Raises:
-        UnsupportedModelError: for megatron entries with no Llama counterpart.
+        UnsupportedModelError: for megatron entries with no Llama counterpart (every weight must be consumed).
     """
-    src = MegatronState(dense)
-    out = {"model.embed_tokens.weight": trim_vocab(src.take("embedding.word_embeddings.weight"), spec)}
-    for i in range(spec.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[h + "input_layernorm.weight"] = src.norm(i, "attention", "weight")
-        out[h + "post_attention_layernorm.weight"] = src.norm(i, "mlp", "weight")
-        q, k, v = split_qkv(src.take(m + "self_attention.linear_qkv.weight"), spec)
-        out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k,
-                    h + "self_attn.v_proj.weight": v})
-        out[h + "self_attn.o_proj.weight"] = src.take(m + "self_attention.linear_proj.weight")
-        out.update(_mlp_state(src, m, h, spec))
-        if spec.qkv_bias:
-            qb, kb, vb = split_qkv(src.take(m + "self_attention.linear_qkv.bias"), spec)
-            out.update({h + "self_attn.q_proj.bias": qb, h + "self_attn.k_proj.bias": kb,
-                        h + "self_attn.v_proj.bias": vb})
-            proj_bias = src.take(m + "self_attention.linear_proj.bias", required=spec.linear_bias)
-            out[h + "self_attn.o_proj.bias"] = (
-                proj_bias if proj_bias is not None else torch.zeros(spec.hidden_size, dtype=qb.dtype))
-        if spec.linear_bias:
-            gate_b, up_b = split_gated_fc1(src.take(m + "mlp.linear_fc1.bias"), spec)
-            out.update({h + "mlp.gate_proj.bias": gate_b, h + "mlp.up_proj.bias": up_b,
-                        h + "mlp.down_proj.bias": src.take(m + "mlp.linear_fc2.bias")})
-    out["model.norm.weight"] = src.take("decoder.final_layernorm.weight")
+    src = MegatronState(outer)
+    yield {"model.embed_tokens.weight": trim_vocab(src.take("embedding.word_embeddings.weight"), spec)}
+    for i, dense in layers:
+        layer = MegatronState(dense)
+        yield _layer_state(layer, i, spec)
+        layer.check_consumed()
+    tail = {"model.norm.weight": src.take("decoder.final_layernorm.weight")}
     if not spec.tie_word_embeddings:
-        out["lm_head.weight"] = trim_vocab(src.take("output_layer.weight"), spec)
+        tail["lm_head.weight"] = trim_vocab(src.take("output_layer.weight"), spec)
     src.check_consumed()
+    yield tail
+
+
+def _layer_state(src: MegatronState, i: int, spec: ExportSpec) -> dict[str, torch.Tensor]:
+    m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+    out = {h + "input_layernorm.weight": src.norm(i, "attention", "weight"),
+           h + "post_attention_layernorm.weight": src.norm(i, "mlp", "weight")}
+    q, k, v = split_qkv(src.take(m + "self_attention.linear_qkv.weight"), spec)
+    out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k,
+                h + "self_attn.v_proj.weight": v})
+    out[h + "self_attn.o_proj.weight"] = src.take(m + "self_attention.linear_proj.weight")
+    out.update(_mlp_state(src, m, h, spec))
+    if spec.qkv_bias:
+        qb, kb, vb = split_qkv(src.take(m + "self_attention.linear_qkv.bias"), spec)
+        out.update({h + "self_attn.q_proj.bias": qb, h + "self_attn.k_proj.bias": kb,
+                    h + "self_attn.v_proj.bias": vb})
+        proj_bias = src.take(m + "self_attention.linear_proj.bias", required=spec.linear_bias)
+        out[h + "self_attn.o_proj.bias"] = (
+            proj_bias if proj_bias is not None else torch.zeros(spec.hidden_size, dtype=qb.dtype))
+    if spec.linear_bias:
+        gate_b, up_b = split_gated_fc1(src.take(m + "mlp.linear_fc1.bias"), spec)
+        out.update({h + "mlp.gate_proj.bias": gate_b, h + "mlp.up_proj.bias": up_b,
+                    h + "mlp.down_proj.bias": src.take(m + "mlp.linear_fc2.bias")})
     return out
 
 
 def llama_from_hf(hf: ConsumedState, spec: ExportSpec) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`llama_state_dict`: a ``LlamaForCausalLM`` state (bias-free) -> dense
+    """The inverse of :func:`llama_state_chunks`: a ``LlamaForCausalLM`` state (bias-free) -> dense
     megatron names at TP=1 (the local spec's norm names), vocabulary padded with zero rows.
 
     Takes every entry it maps from ``hf``; the caller reports what is left (unsupported parts).

@@ -10,7 +10,8 @@ import json
 import os
 import re
 import shutil
-from typing import Callable
+import tempfile
+from typing import Iterable
 
 import torch
 
@@ -32,35 +33,75 @@ def _umask() -> int:
     return mask
 
 
-def write_safetensors(out_dir: str, state: dict[str, torch.Tensor], max_shard_size: str | int = "5GB",
-                      progress: Callable | None = None) -> list[str]:
-    """Write ``state`` as ``model.safetensors``, or as shards plus ``model.safetensors.index.json``
-    when it exceeds ``max_shard_size`` (``"5GB"``, ``"500MB"`` or bytes; planned by ``huggingface_hub``'s
-    ``split_torch_state_dict_into_shards``, as ``save_pretrained`` does). Stale model files in
-    ``out_dir`` are removed first, so an index never coexists with an old single file. Returns the
-    files written.
-    """
-    from huggingface_hub import split_torch_state_dict_into_shards
+_SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}  # huggingface_hub's decimal units
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in ``size``: a number, or a string such as ``"5GB"`` / ``"500MB"`` (decimal units, as
+    ``huggingface_hub`` reads ``max_shard_size``). Raises ``ValueError`` for anything else."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(TB|GB|MB|KB|B)?\s*", str(size), re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"cannot plan shards of {size!r}; use e.g. 5GB, 500MB or a number of bytes")
+    return int(float(match[1]) * _SIZE_UNITS[(match[2] or "B").upper()])
+
+
+def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
-    for stale in os.listdir(out_dir):
-        if _SHARD_PATTERN.match(stale):
-            os.remove(os.path.join(out_dir, stale))
+    # safetensors refuses views sharing storage (e.g. Q/K/V slices of one fused tensor).
+    save_file({k: v.contiguous().clone() if v._base is not None or not v.is_contiguous() else v
+               for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; give the usual permissions
+
+
+def write_safetensors(out_dir: str, chunks: Iterable[dict[str, torch.Tensor]],
+                      max_shard_size: str | int = "5GB") -> list[str]:
+    """Write the tensors of ``chunks`` (e.g. one transformer layer each) as ``model.safetensors``, or as
+    ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` when they exceed
+    ``max_shard_size`` — streamed: a shard is written as soon as the next tensor would overflow it, so
+    this holds at most one shard's tensors (each tensor larger than a shard gets a shard of its own, as
+    ``huggingface_hub``'s planner does).
+
+    Nothing in ``out_dir`` changes until every chunk is written (the shards go to a hidden directory first;
+    an exception from ``chunks``, e.g. a refusal, leaves ``out_dir`` as it was); then stale model files are
+    removed, so an index never coexists with an old single file. Returns the files written.
+    """
+    limit = parse_size(max_shard_size)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
-        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-    except ValueError as err:
-        raise ValueError(f"cannot plan shards of {max_shard_size!r} ({err}); use e.g. 5GB, 500MB or a number of "
-                         f"bytes") from None
-    shards = list(split.filename_to_tensors.items())
-    for file_name, keys in (progress(shards) if progress else shards):
-        # safetensors refuses views sharing storage (e.g. Q/K/V slices of one fused tensor).
-        tensors = {k: state[k].contiguous().clone() for k in keys}
-        path = os.path.join(out_dir, file_name)
-        save_file(tensors, path, metadata={"format": "pt"})
-        os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; give the usual permissions
-    names = [name for name, _ in shards]
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        shards: list[list[str]] = []  # names per shard written, in order
+        pending, pending_bytes, total = {}, 0, 0
+
+        def flush():
+            _save(pending, os.path.join(staging, f"{len(shards):05d}"))
+            shards.append(list(pending))
+            pending.clear()
+
+        for chunk in chunks:
+            for name, tensor in chunk.items():
+                size = tensor.numel() * tensor.element_size()
+                if pending and pending_bytes + size > limit:
+                    flush()
+                    pending_bytes = 0
+                pending[name] = tensor
+                pending_bytes += size
+                total += size
+        if pending or not shards:
+            flush()
+        names = [SAFETENSORS_SINGLE] if len(shards) == 1 else [
+            f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        for stale in os.listdir(out_dir):
+            if _SHARD_PATTERN.match(stale):
+                os.remove(os.path.join(out_dir, stale))
+        for k, name in enumerate(names):
+            os.replace(os.path.join(staging, f"{k:05d}"), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
         names.append(SAFETENSORS_INDEX)
