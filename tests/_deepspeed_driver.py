@@ -12,6 +12,9 @@ random numbers) and writes ``REPORT_DIR/rank{R}.json``:
   ``docs/POET.md`` §1), the distance of the merged ``A0`` from the un-sharded merge computed in
   float64 from the gathered pre-merge factors, and the largest magnitude left in every copy of
   the skew parameters (model, fp32 master, Adam moments, step);
+- ``built_partitioned``: whether every parameter was already partitioned when the engine got the model;
+- on rank 0, ``initial.pt``: every parameter and buffer of the model as the engine receives it
+  (gathered: under ZeRO-3 the model is built partitioned);
 - and at each save, on rank 0, ``saved_dense_{iteration}.pt``: the dense ``P A0 R`` of every
   POET layer in memory at save time (for the export test).
 """
@@ -66,12 +69,19 @@ def _change_bound(layer) -> float:
 original_init = engine_module.DeepSpeedEngine.__init__
 
 
-def init(self, *args, **kwargs):
-    original_init(self, *args, **kwargs)
+def init(self, args, model_chunks):
+    built_partitioned = all(hasattr(p, "ds_tensor") for p in model_chunks[0].parameters())
+    original_init(self, args, model_chunks)
     ENGINES.append(self)
     optimizer = self.engine.optimizer
     groups = getattr(optimizer, "fp16_groups", None) or getattr(optimizer, "bit16_groups", None)
     optimized = {id(p) for group in groups for p in group}
+    model = self.model_chunks[0]
+    with gathered(list(model.parameters()), False):
+        initial = {name: t.detach().clone() for name, t in (*model.named_parameters(), *model.named_buffers())}
+    if torch.distributed.get_rank() == 0:
+        torch.save(initial, os.path.join(REPORT_DIR, "initial.pt"))
+    REPORT["built_partitioned"] = built_partitioned
     REPORT["partition"] = {
         name: {"a0_held": _held(m.frozen_weight), "a0_full": _full(m.frozen_weight),
                "a0_in_optimizer": id(m.frozen_weight) in optimized,

@@ -115,6 +115,18 @@ def test_a0_is_partitioned_only_by_zero3_and_never_optimized(stage, zero_run):
         assert all(2 * merge["master_numel"] == poet_total for merge in report["merges"])
 
 
+def test_zero3_builds_the_same_model_partitioned(zero_run):
+    """ZeRO-3 builds the model under ``deepspeed.zero.Init`` (each rank holds only its partition from the
+    start: the test above); gathered, it is bitwise the model ZeRO-1 builds whole (same seed)."""
+    assert all(report["built_partitioned"] for report in zero_run(3)[1])
+    assert not any(report["built_partitioned"] for report in zero_run(1)[1])
+    whole = torch.load(os.path.join(zero_run(1)[3], "initial.pt"))
+    partitioned = torch.load(os.path.join(zero_run(3)[3], "initial.pt"))
+    assert list(whole) == list(partitioned)
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, partitioned[name]), name
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_merge_resets_every_copy_and_keeps_the_function(stage, zero_run):
     """At both merges, on both ranks: each layer's dense P A0 R moves by at most the Cayley–Neumann

@@ -42,6 +42,7 @@ CASES = {  # name: (extra training flags, TP size); llama style: untied, no bias
     "gpt2_poet_tp2": (["--model-style", "gpt2", "--num-query-groups", "4"], 2),  # GPT-2 has no GQA
     # fully stochastic: 2 permutation groups (rebuilt so at TP=1); also saved at iteration 2, to resume
     "poet_fs_tp2": (["--poet-variant", "fs", "--save-interval", "2"], 2),
+    "poet_bf16_tp1": (["--bf16"], 1),
 }
 
 
@@ -153,6 +154,35 @@ def test_convert_checkpoint(data, trained, tmp_path, name):
     assert result.iteration == 3 and result.poet_layers == (0 if name.startswith("no_poet") else 8)
     assert result.spec.architecture == ("gpt2" if name.startswith("gpt2") else "llama")
     assert_matches_reference(str(tmp_path / "hf"), ref)
+
+
+@needs_corpus
+def test_bf16_run_is_exported_from_a_bf16_build(data, trained, tmp_path):
+    """A bf16 run's model is rebuilt in bf16 for the export (A0 as stored: half an fp32 build's memory);
+    folding each layer in fp32 gives bitwise the weights an fp32 build of the same checkpoint gives."""
+    from safetensors.torch import load_file
+
+    from megatron_poet.checkpoint import format_of, resolve_checkpoint
+    from megatron_poet.export import TokenizerInfo, hf_state_and_config
+    from megatron_poet.export.from_checkpoint import convert_checkpoint, run_arguments
+    from megatron_poet.megatron.cpu_backend import single_process
+    from megatron_poet.training.model_provider import build_model
+
+    ckpt, _ = trained("poet_bf16_tp1")
+    convert_checkpoint(ckpt, str(tmp_path / "hf"), tokenizer=data[1], progress=False)
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    path, _ = resolve_checkpoint(ckpt, None)
+    checkpoint = format_of(path)
+    args, _ = run_arguments(checkpoint.read_args(path))
+    assert args.bf16
+    args.bf16 = False
+    with single_process(seed=args.seed):
+        model = build_model(args, checkpoint.padded_vocab_size(path)).eval()
+        checkpoint.load_model_weights(model, path)
+        _, _, reference = hf_state_and_config(model, TokenizerInfo.from_path(data[1]))
+    assert set(exported) == set(reference)
+    for name, tensor in reference.items():
+        assert exported[name].dtype == torch.float32 and torch.equal(exported[name], tensor), name
 
 
 @needs_corpus

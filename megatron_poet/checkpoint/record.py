@@ -21,10 +21,11 @@ SHAPE_ARGS = (
     # MoE's shape (megatron_poet.training.moe; checkpoints written before MoE are dense)
     "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
 )
-# Recorded too, for tools reading the checkpoint (the export ships the tokenizer and the dropout) and
-# for the resume checks (the distributed optimizer's state follows the expert-parallel layout).
+# Recorded too, for tools reading the checkpoint (the export ships the tokenizer and the dropout, and
+# builds the model in the dtype its tensors are stored in) and for the resume checks (the distributed
+# optimizer's state follows the expert-parallel layout).
 RECORDED_ARGS = ("tokenizer_type", "tokenizer_model", "hidden_dropout", "attention_dropout",
-                 "expert_model_parallel_size")
+                 "expert_model_parallel_size", "bf16")
 
 
 def shape_args(args: argparse.Namespace) -> dict:

@@ -20,7 +20,7 @@ and their permutations from ``(seed, global layer name)`` themselves (``initiali
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -85,6 +85,16 @@ def recording_init_methods(config) -> Iterator[None]:
             setattr(config, name, value)
 
 
+# Write access to the full values of parameters: for a model built partitioned (DeepSpeed ZeRO-3's
+# ``zero.Init``), gathers them for the duration and keeps what is written; by default, nothing to do.
+FullParameters = Callable[[list[nn.Parameter]], ContextManager]
+
+
+def already_full(params: list[nn.Parameter]) -> ContextManager:
+    """The :data:`FullParameters` of a model built whole."""
+    return contextlib.nullcontext()
+
+
 def _shard(full: torch.Tensor, param: nn.Parameter, tp_size: int, tp_rank: int) -> torch.Tensor:
     """This rank's part of ``full`` in megatron's layout: the ``full`` tensor is cut along
     ``partition_dim`` into ``tp_size x stride`` pieces and rank ``r`` holds pieces ``r, r + tp, ...``
@@ -97,7 +107,8 @@ def _shard(full: torch.Tensor, param: nn.Parameter, tp_size: int, tp_rank: int) 
 
 
 @torch.no_grad()
-def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None) -> list[str]:
+def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None,
+                      full_parameters: FullParameters = already_full) -> list[str]:
     """Redraw every parameter tagged by :func:`recording_init_methods` from ``(seed, global name)``.
 
     Each is drawn in full (float32, on the CPU, like megatron's ``use_cpu_initialization``),
@@ -105,6 +116,8 @@ def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None
     state is left as it was. Returns the global names redrawn. With ``vocab_size`` (the real
     vocabulary), the embedding and output layer draw only their first ``vocab_size`` rows and
     the padding rows are zero (:mod:`.vocab_padding`), so the padding leaves the real rows alone.
+    ``full_parameters``: for a model built partitioned, gives each parameter's full value while it is
+    redrawn (:data:`FullParameters`).
 
     Raises RuntimeError if a 2-D parameter outside the POET layers was initialized in another
     way (it would make the model depend on the layout).
@@ -121,26 +134,27 @@ def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None
     poet = {id(p) for m in model.modules() if isinstance(m, _POETParallelLinear) for p in m.parameters()}
     redrawn, untracked = [], []
     for path, param in model.named_parameters():
-        init = getattr(param, _INIT_ATTR, None)
-        if init is None:
-            if param.dim() >= 2 and id(param) not in poet and config.perform_initialization:
-                untracked.append(path)
-            continue
-        delattr(param, _INIT_ATTR)
-        name = name_of(path)
-        if getattr(param, "shared_embedding", False):  # the last stage's copy of tied word embeddings
-            name, init = WORD_EMBEDDINGS, config.embedding_init_method
-        shape = list(param.shape)
-        split, rank = expert_tp if is_expert_parameter(param) else (tp_size, tp_rank)  # experts: over expert TP
-        if getattr(param, "tensor_model_parallel", False):
-            shape[param.partition_dim] *= split
-        full = torch.zeros(shape, dtype=torch.float32)
-        drawn = full[:vocab_size] if vocab_size is not None and name in VOCABULARY_PARAMETERS else full
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(mix_seed(seed, "parameter", name))
-            init(drawn)
-        param.copy_(_shard(full, param, split, rank))
-        redrawn.append(name)
+        with full_parameters([param]):
+            init = getattr(param, _INIT_ATTR, None)
+            if init is None:
+                if param.dim() >= 2 and id(param) not in poet and config.perform_initialization:
+                    untracked.append(path)
+                continue
+            delattr(param, _INIT_ATTR)
+            name = name_of(path)
+            if getattr(param, "shared_embedding", False):  # the last stage's copy of tied word embeddings
+                name, init = WORD_EMBEDDINGS, config.embedding_init_method
+            shape = list(param.shape)
+            split, rank = expert_tp if is_expert_parameter(param) else (tp_size, tp_rank)  # experts: over expert TP
+            if getattr(param, "tensor_model_parallel", False):
+                shape[param.partition_dim] *= split
+            full = torch.zeros(shape, dtype=torch.float32)
+            drawn = full[:vocab_size] if vocab_size is not None and name in VOCABULARY_PARAMETERS else full
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(mix_seed(seed, "parameter", name))
+                init(drawn)
+            param.copy_(_shard(full, param, split, rank))
+            redrawn.append(name)
     if untracked:
         raise RuntimeError(
             "these parameters were initialized outside megatron's config init methods, so their values would "

@@ -18,7 +18,7 @@ from ..poet.config import POETConfig
 from . import compat
 from .layers import _POETParallelLinear
 from .moe import mark_expert_parameters, moe_layout_errors
-from .layout_free_init import global_names, recording_init_methods, redraw_parameters
+from .layout_free_init import FullParameters, already_full, global_names, recording_init_methods, redraw_parameters
 from .sharding import ShardedDimension, mix_seed
 from .spec import gpt_block_spec
 from .vocab_padding import mask_padded_logits
@@ -96,13 +96,14 @@ def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vo
         raise ValueError("invalid model layout:\n  " + "\n  ".join(errors))
 
 
-def initialize_poet_layers(model: torch.nn.Module, seed: int) -> int:
+def initialize_poet_layers(model: torch.nn.Module, seed: int, full_parameters: FullParameters = already_full) -> int:
     """Draw ``A0`` and the permutations of every POET layer from ``(seed, layer identity)``.
 
     The identity is the module path with the transformer layer's *global*
     ``layer_number`` in place of its stage-local index (:func:`.layout_free_init.global_names`),
     so it depends on neither the TP nor the PP layout. It is also stored as the layer's
     ``identity``, from which :class:`~megatron_poet.poet.optim.MergeScheduler` seeds its merges.
+    ``full_parameters``: gives a layer's full parameters while it is drawn (see :data:`.layout_free_init.FullParameters`).
     Returns the number of POET layers initialized.
     """
     name_of = global_names(model)
@@ -110,14 +111,16 @@ def initialize_poet_layers(model: torch.nn.Module, seed: int) -> int:
     for name, module in model.named_modules():
         if isinstance(module, _POETParallelLinear):
             module.identity = name_of(name)
-            module.initialize(mix_seed(seed, module.identity))
+            with full_parameters(list(module.parameters())):
+                module.initialize(mix_seed(seed, module.identity))
             count += 1
     return count
 
 
 def _build(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int, seed: int,
-    backend: str, vp_stage: int | None, unpadded_vocab_size: int | None, attention: str = "sdpa", **gpt_kwargs,
+    backend: str, vp_stage: int | None, unpadded_vocab_size: int | None, attention: str,
+    full_parameters: FullParameters | None, **gpt_kwargs,
 ) -> GPTModel:
     compat.check_version()
     validate_model_config(config, poet, vocab_size)
@@ -132,12 +135,13 @@ def _build(
             vp_stage=vp_stage,
             **gpt_kwargs,
         )
+    full_parameters = full_parameters or already_full
     mark_expert_parameters(model)
-    redraw_parameters(model, seed, unpadded_vocab_size)
+    redraw_parameters(model, seed, unpadded_vocab_size, full_parameters)
     if unpadded_vocab_size is not None:
         mask_padded_logits(model, unpadded_vocab_size)
     if poet is not None:
-        initialize_poet_layers(model, seed)
+        initialize_poet_layers(model, seed, full_parameters)
     return model
 
 
@@ -146,6 +150,7 @@ def build_llama_model(
     seed: int = 1234, backend: str = "auto", rotary_base: float = 10000, vp_stage: int | None = None,
     unpadded_vocab_size: int | None = None, tie_embeddings: bool = False, rope_scaling_factor: float | None = None,
     seq_len_interpolation_factor: float | None = None, attention: str = "sdpa",
+    full_parameters: FullParameters | None = None,
 ) -> GPTModel:
     """Llama-style GPTModel (RMSNorm, SwiGLU, RoPE, GQA, no biases; untied embeddings unless ``tie_embeddings``).
 
@@ -164,13 +169,15 @@ def build_llama_model(
             ``rope_scaling``); ``None``: none. Kept on the model as ``rope_scaling_factor`` (megatron
             does not keep it) for the export.
         seq_len_interpolation_factor: linear RoPE position interpolation (``None``: none).
+        full_parameters: for a model built partitioned (under ``deepspeed.zero.Init``), how to reach
+            the full parameters while they are drawn (:data:`.layout_free_init.FullParameters`); ``None``: built whole.
     """
     expected = dict(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False)
     wrong = [f"{k}={getattr(config, k)!r} (expected {v!r})" for k, v in expected.items() if getattr(config, k) != v]
     if wrong:
         raise ValueError("build_llama_model needs a Llama-style config (use llama_config): " + ", ".join(wrong))
     model = _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
-                   attention, position_embedding_type="rope", rotary_base=rotary_base,
+                   attention, full_parameters, position_embedding_type="rope", rotary_base=rotary_base,
                    share_embeddings_and_output_weights=tie_embeddings,
                    rope_scaling=rope_scaling_factor is not None, rope_scaling_factor=rope_scaling_factor or 8.0,
                    seq_len_interpolation_factor=seq_len_interpolation_factor)
@@ -181,11 +188,11 @@ def build_llama_model(
 def build_gpt2_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
     seed: int = 1234, backend: str = "auto", vp_stage: int | None = None, unpadded_vocab_size: int | None = None,
-    tie_embeddings: bool = True, attention: str = "sdpa",
+    tie_embeddings: bool = True, attention: str = "sdpa", full_parameters: FullParameters | None = None,
 ) -> GPTModel:
     """GPT-2-style GPTModel (LayerNorm, GELU, biases, learned positions; tied embeddings unless not
     ``tie_embeddings``); arguments as :func:`build_llama_model`."""
     if config.normalization != "LayerNorm" or config.gated_linear_unit:
         raise ValueError("build_gpt2_model needs a GPT-2-style config (use gpt2_config)")
     return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
-                  attention, position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tie_embeddings)
+                  attention, full_parameters, position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tie_embeddings)

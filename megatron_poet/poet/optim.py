@@ -16,21 +16,23 @@ def poet_modules(model: nn.Module) -> list[POETModule]:
     return [m for m in model.modules() if isinstance(m, POETModule)]
 
 
-def poet_param_groups(model: nn.Module, lr: float, poet_lr: float, weight_decay: float) -> list[dict]:
+def poet_param_groups(model: nn.Module, lr: float, poet_lr: float, weight_decay: float,
+                      shape_of: Callable[[nn.Parameter], torch.Size] = lambda p: p.shape) -> list[dict]:
     """Parameter groups for ``torch.optim.AdamW`` (or any optimizer taking groups).
 
     - POET factors: ``lr=poet_lr``, no weight decay (the papers' recipe; no hidden
       scale is applied to ``poet_lr``), tagged ``"poet": True``.
     - Other parameters with >= 2 dims (embeddings, output layer): ``lr``, ``weight_decay``.
     - Other 1-D parameters (norms, biases): ``lr``, no weight decay.
-    Frozen parameters are skipped; empty groups are dropped.
+    Frozen parameters are skipped; empty groups are dropped. ``shape_of``: a parameter's full shape
+    (for a parameter stored partitioned, where its own tensor is a flat piece).
     """
     poet_ids = {id(p) for m in poet_modules(model) for p in m.poet_parameters()}
     poet, decay, no_decay = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (poet if id(p) in poet_ids else decay if p.dim() >= 2 else no_decay).append(p)
+        (poet if id(p) in poet_ids else decay if len(shape_of(p)) >= 2 else no_decay).append(p)
     groups = [
         {"params": poet, "lr": poet_lr, "weight_decay": 0.0, "poet": True},
         {"params": decay, "lr": lr, "weight_decay": weight_decay, "poet": False},

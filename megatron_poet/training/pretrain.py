@@ -21,7 +21,7 @@ from megatron_poet.safe_loading import UnsafeFileError
 
 from .arguments import ArgumentError, parse_args
 from .checkpointing import CheckpointError, check_checkpoint_args, load_finetune_weights
-from .engine import build_engine
+from .engine import build_engine, partitioned_construction
 from .finite import EXIT_DIVERGED, TrainingDiverged
 from .fp8 import describe_run_fp8
 from .logging import SetupClock, TrainingLogger
@@ -135,14 +135,17 @@ def _run(argv: list[str] | None) -> int:
 
         vocab = args.padded_vocab_size = padded_vocab_size(args.vocab_size_unpadded, args)
         try:
-            model_chunks = build_model_chunks(args, vocab)
+            construction, full_parameters = partitioned_construction(args)
+            with construction:  # ZeRO-3: partitioned as it is built
+                model_chunks = build_model_chunks(args, vocab, full_parameters)
             clock.mark("model (A0 of this rank's shard)")
         except ValueError as e:
             if torch.distributed.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
             return 2
-        # before ZeRO-3 partitions them
-        n_params = sum(p.numel() for chunk in model_chunks for p in chunk.parameters() if p.requires_grad)
+        # (a parameter partitioned by ZeRO-3 counts its full size, ds_numel)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for chunk in model_chunks for p in chunk.parameters()
+                       if p.requires_grad)
         finetuned_from, refusal = None, None
         if args.finetune:  # the weights go into the model before the engine wraps it (and copies masters)
             try:

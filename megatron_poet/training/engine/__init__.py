@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from typing import ContextManager
 
 from torch import nn
 
@@ -22,4 +24,21 @@ def build_engine(args: argparse.Namespace, model_chunks: list[nn.Module]) -> Tra
     return MegatronEngine(args, model_chunks)
 
 
-__all__ = ["BatchLoss", "StepResult", "TrainingEngine", "TrainingState", "build_engine"]
+def partitioned_construction(args: argparse.Namespace) -> tuple[ContextManager, object]:
+    """How the engine ``args`` selects wants the model built: ``(context, full_parameters)``.
+
+    DeepSpeed ZeRO-3: inside ``deepspeed.zero.Init``, each module's parameters partitioned over the
+    data-parallel ranks as soon as the module is made (so no rank ever holds the whole model), and
+    ``full_parameters`` gathers a layer's parameters while its initial values are drawn (see
+    :data:`megatron_poet.megatron.layout_free_init.FullParameters`). Otherwise, and for ``--finetune``
+    (whose weights are loaded into the built model before the engine wraps it): built whole,
+    ``(nullcontext(), None)``.
+    """
+    if args.deepspeed and not args.finetune:
+        from .deepspeed import zero3_construction
+
+        return zero3_construction(args)
+    return contextlib.nullcontext(), None
+
+
+__all__ = ["BatchLoss", "StepResult", "TrainingEngine", "TrainingState", "build_engine", "partitioned_construction"]

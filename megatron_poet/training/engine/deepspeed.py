@@ -23,11 +23,12 @@ gloo does the same job, so that op is never built here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import warnings
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -64,11 +65,30 @@ def param_groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
     POET factors: ``--poet-lr`` schedule, no weight decay; other matrices: ``--lr``, weight
     decay; other 1-D parameters (norms, biases): ``--lr``, no weight decay (Megatron's rule).
     """
-    groups = poet_param_groups(model, args.lr, args.poet_lr, args.weight_decay)
+    # (a parameter ZeRO-3 built partitioned keeps its full shape as ds_shape)
+    groups = poet_param_groups(model, args.lr, args.poet_lr, args.weight_decay,
+                               shape_of=lambda p: getattr(p, "ds_shape", p.shape))
     for group in groups:
         group.update(poet_group_settings(args) if group[POET_GROUP_KEY]
                      else dense_group_settings(args, decay=bool(group["weight_decay"])))
     return groups
+
+
+def zero3_construction(args: argparse.Namespace) -> tuple[ContextManager, object]:
+    """Under ZeRO-3: ``(deepspeed.zero.Init, full parameters by GatheredParameters)`` for building the model
+    partitioned (see :func:`.partitioned_construction`); other stages: ``(nullcontext(), None)``.
+
+    Every rank draws the same initial values (from the seed), so the gathered parameters are written on
+    every rank alike (:func:`.deepspeed_state.gathered`).
+    """
+    config = deepspeed_config(args)
+    if config["zero_optimization"]["stage"] != 3:
+        return contextlib.nullcontext(), None
+    deepspeed = import_deepspeed()
+    # on the process group the program made (as deepspeed.initialize does later), so the config sees every rank
+    deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+    init = deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    return init, lambda params: gathered(params, modified=True)
 
 
 def _prepare_zero3(deepspeed, model: nn.Module) -> None:
