@@ -23,8 +23,15 @@
    (4-byte parameters and gradients; DeepSpeed keeps a separate fp32 master even in fp32), with
    DeepSpeed's communication buckets made small (:data:`MEASURE_ZERO`).
 
-  python tools/benchmark_deepspeed_memory.py             # both tables (measuring takes a few minutes)
+3. With ``--peak``: each rank's peak RSS (``ru_maxrss``) over a whole run of a larger POET Llama
+   (:data:`PEAK_MODEL`, fp32, 3 iterations) at 1, 2 and 4 ranks, ZeRO-1 vs ZeRO-3, beside the ledger's
+   state per rank (part 1's rule in fp32) plus the runtime measured at 1 rank under ZeRO-1 (its peak
+   minus its state). ZeRO-3 builds the model partitioned (``deepspeed.zero.Init``), so its peak falls
+   with the number of ranks; runs use glibc's ``MALLOC_ARENA_MAX=2`` (see docs/DEEPSPEED.md).
+
+  python tools/benchmark_deepspeed_memory.py             # tables 1 and 2 (measuring takes a few minutes)
   python tools/benchmark_deepspeed_memory.py --computed  # table 1 only
+  python tools/benchmark_deepspeed_memory.py --peak      # table 3 (about 15 minutes on 2 cores)
 """
 from __future__ import annotations
 
@@ -52,6 +59,10 @@ SMALL = ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "1024
          "--seq-length", "64", "--vocab-size", "512", "--poet-block-size", "32", "--micro-batch-size", "2",
          "--make-vocab-size-divisible-by", "128"]
 SMALL_VOCAB = 513  # mock data's NullTokenizer: 512 ids + end-of-document
+PEAK_MODEL = ["--num-layers", "4", "--hidden-size", "2048", "--ffn-hidden-size", "5632", "--num-attention-heads", "16",
+              "--seq-length", "128", "--vocab-size", "8192", "--poet-block-size", "256", "--micro-batch-size", "1",
+              "--make-vocab-size-divisible-by", "128"]
+PEAK_VOCAB = 8193
 ENGINES = {  # name -> the program's flags (ZeRO stage: a config file, see _zero_flags)
     "megatron DDP": [],
     "megatron dist. optim.": ["--use-distributed-optimizer"],
@@ -146,7 +157,9 @@ def _measure_worker(out_dir: str, argv: list[str]) -> int:
                 storages[storage.data_ptr()] = storage.nbytes()
         params = [p for chunk in engine.model_chunks for p in chunk.parameters()]
         held = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
-        record = {"tensor_bytes": sum(storages.values()),
+        import resource
+
+        record = {"tensor_bytes": sum(storages.values()), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "param_bytes": sum(t.numel() * t.element_size() for t in held),
                   "frozen": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params
                                 if not p.requires_grad),
@@ -160,20 +173,25 @@ def _measure_worker(out_dir: str, argv: list[str]) -> int:
     return pretrain.main(argv)
 
 
+def _run_ranks(engine_flags, ranks: int, model: list[str], iterations: int, env: dict | None = None) -> list[dict]:
+    """Train ``model`` under ``engine_flags`` at ``ranks`` ranks; each rank's record of :func:`_measure_worker`."""
+    with tempfile.TemporaryDirectory() as out:
+        flags = _zero_flags(engine_flags, out) if isinstance(engine_flags, int) else engine_flags
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-port", _free_port(), os.path.abspath(__file__), "--measure-into", out,
+               "--mock-data", *model, "--train-iters", str(iterations), "--global-batch-size", str(2 * ranks),
+               "--eval-iters", "0", *flags]
+        subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+        return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(ranks)]
+
+
 def measured_table() -> str:
     rows = ["| engine | ranks | computed (fp32) MiB | measured: all tensors MiB | measured: parameters held MiB |",
             "|---|---|---|---|---|"]
     frozen, trainable = inventory(_args(SMALL), SMALL_VOCAB)
     for engine, engine_flags in ENGINES.items():
         for ranks in (1, 2):
-            with tempfile.TemporaryDirectory() as out:
-                flags = _zero_flags(engine_flags, out) if isinstance(engine_flags, int) else engine_flags
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                       "--master-port", _free_port(), os.path.abspath(__file__), "--measure-into", out,
-                       "--mock-data", *SMALL, "--train-iters", "2", "--global-batch-size", str(2 * ranks),
-                       "--eval-iters", "0", *flags]
-                subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-                records = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(ranks)]
+            records = _run_ranks(engine_flags, ranks, SMALL, 2)
             assert all((r["frozen"], r["trainable"]) == (frozen, trainable) for r in records), (records, frozen, trainable)
             computed = per_rank_bytes(engine, frozen, trainable, ranks, bf16=False) / 2**20
             tensors = max(r["tensor_bytes"] for r in records) / 2**20
@@ -182,12 +200,35 @@ def measured_table() -> str:
     return "\n".join(rows)
 
 
+def peak_table() -> str:
+    """Table 3 of the module docstring: peak RSS per rank at 1, 2, 4 ranks, ZeRO-1 and ZeRO-3, interleaved."""
+    frozen, trainable = inventory(_args(PEAK_MODEL), PEAK_VOCAB)
+    allocator = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0"}
+    peaks = {(engine, ranks): max(r["peak_rss"] for r in _run_ranks(ENGINES[engine], ranks, PEAK_MODEL, 3, allocator))
+             for ranks in (1, 2, 4) for engine in ("ZeRO-1", "ZeRO-3")}
+    runtime = peaks["ZeRO-1", 1] - per_rank_bytes("ZeRO-1", frozen, trainable, 1, bf16=False)
+    rows = ["| engine | ranks | ledger state / rank GiB | ledger + runtime GiB | peak RSS / rank GiB | error |",
+            "|---|---|---|---|---|---|"]
+    for (engine, ranks), peak in sorted(peaks.items()):
+        state = per_rank_bytes(engine, frozen, trainable, ranks, bf16=False)
+        rows.append(f"| {engine} | {ranks} | {state / GIB:.2f} | {(state + runtime) / GIB:.2f} | {peak / GIB:.2f} | "
+                    f"{peak / (state + runtime) - 1:+.1%} |")
+    return f"runtime (ZeRO-1 at 1 rank, peak minus state): {runtime / GIB:.2f} GiB\n\n" + "\n".join(rows)
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--measure-into":
         return _measure_worker(sys.argv[2], sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--computed", action="store_true", help="only the computed table (no training runs)")
+    parser.add_argument("--peak", action="store_true", help="only table 3: peak RSS per rank at 1, 2, 4 ranks")
     options = parser.parse_args()
+    if options.peak:
+        frozen, trainable = inventory(_args(PEAK_MODEL), PEAK_VOCAB)
+        print(f"Peak RSS per rank, POET Llama ({frozen / 1e6:.0f}M A0 + {trainable / 1e6:.0f}M trainable elements), "
+              f"fp32, 3 iterations, max over ranks:\n")
+        print(peak_table())
+        return 0
     print("Computed GiB per rank (bf16 params, fp32 master + Adam; activations excluded), POET block 256:\n")
     print(computed_table())
     if not options.computed:
