@@ -157,6 +157,13 @@ def test_log_line_times_count_training_iterations_only(data, tmp_path):
     # 20 forward-only eval batches cost several training iterations: left in, they would dominate.
     assert sorted(per_iteration)[3] < 0.5 * sorted(evaluate)[3], (per_iteration, evaluate)
     assert re.search(r"wall time: \S+ \(set-up \S+, training \S+, evaluation \S+, checkpointing \S+\)", out.stdout)
+    # the set-up line reports how fast A0 was drawn: this run's A0 elements (4 POET linears per layer)
+    from megatron_poet.training.arguments import linear_shapes, parse_args
+
+    args = parse_args(data + SHORT)
+    a0 = args.num_layers * sum(d_in * d_out for _, d_in, d_out, _, _ in linear_shapes(args))
+    made = re.search(r" model \(([\d,]+) A0 elements of this rank, ([\d.e+-]+)M/s\) ([\d.]+) s", out.stdout)
+    assert made and int(made[1].replace(",", "")) == a0 and float(made[2]) > 0, out.stdout
 
 
 def test_sbatch_example_flags_are_valid_for_its_job(tmp_path):

@@ -255,10 +255,15 @@ class SetupClock:
         self._last = psutil.Process().create_time()
         self.phases: list[tuple[str, float]] = []
 
-    def mark(self, phase: str) -> None:
-        """``phase`` ended now (it began at the previous mark)."""
+    def mark(self, phase: str, made: tuple[float, str] | None = None) -> None:
+        """``phase`` ended now (it began at the previous mark); ``made``: ``(count, what)`` the phase
+        produced, reported with its rate (e.g. ``(2.6e8, "A0 elements")`` -> "260,000,000 A0 elements, 41.2M/s")."""
         now = time.time()
-        self.phases.append((phase, now - self._last))
+        seconds = now - self._last
+        if made:
+            count, what = made
+            phase += f" ({count:,.0f} {what}, {count / 1e6 / max(seconds, 1e-9):.3g}M/s)"
+        self.phases.append((phase, seconds))
         self._last = now
 
     def report(self) -> str:

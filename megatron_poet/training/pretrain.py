@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from megatron_poet.poet.optim import poet_modules
 from megatron_poet.safe_loading import UnsafeFileError
 
 from .arguments import ArgumentError, parse_args
@@ -138,7 +139,10 @@ def _run(argv: list[str] | None) -> int:
             construction, full_parameters = partitioned_construction(args)
             with construction:  # ZeRO-3: partitioned as it is built
                 model_chunks = build_model_chunks(args, vocab, full_parameters)
-            clock.mark("model (A0 of this rank's shard)")
+            # A0 elements this rank drew (all of each layer's under ZeRO-3, which keeps a partition of it)
+            a0 = sum(getattr(m.frozen_weight, "ds_numel", m.frozen_weight.numel())
+                     for chunk in model_chunks for m in poet_modules(chunk))
+            clock.mark("model", made=(a0, "A0 elements of this rank") if args.poet else None)
         except ValueError as e:
             if torch.distributed.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
