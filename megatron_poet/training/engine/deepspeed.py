@@ -10,7 +10,8 @@ clips at the accumulation boundary.
 
 Under ZeRO-3 every parameter is partitioned across data-parallel ranks, the frozen ``A0``
 (a parameter with ``requires_grad=False``) included, so its memory per rank falls with the
-number of ranks; it gets no gradient and no optimizer state. POET layers are ZeRO-3 *leaf*
+number of ranks; it gets no gradient and no optimizer state. The model is built partitioned
+(:func:`zero3_construction`: ``deepspeed.zero.Init``), so no rank ever holds all of it. POET layers are ZeRO-3 *leaf*
 modules: their forward reaches the skew parameters of their ``OrthogonalSide`` children
 through a method (``side.blocks()``), which DeepSpeed's per-module gathering hooks would not
 see, so DeepSpeed gathers a POET layer's parameters as a whole. Merges and orthogonality
