@@ -72,9 +72,12 @@ ENGINES = {  # name -> the program's flags (ZeRO stage: a config file, see _zero
 }
 # DeepSpeed allocates communication buckets of these many elements up front (default 5e8: 2 GiB in
 # fp32, which would swamp the small model); ZeRO-3 also keeps tensors under the persistence
-# threshold (default 1e5 elements) whole. Small buckets and threshold 0 measure the model's state.
+# threshold (default 1e5 elements) whole, and up to 1e9 gathered elements resident between uses
+# (max_live_parameters, max_reuse_distance: all of a model this size). Small buckets, threshold 0
+# and gathered parameters released after use measure the model's state.
 MEASURE_ZERO = {"reduce_bucket_size": 1000000, "allgather_bucket_size": 1000000,
-                "stage3_prefetch_bucket_size": 1000000, "stage3_param_persistence_threshold": 0}
+                "stage3_prefetch_bucket_size": 1000000, "stage3_param_persistence_threshold": 0,
+                "stage3_max_live_parameters": 1000000, "stage3_max_reuse_distance": 0}
 
 
 def _zero_flags(stage: int, directory: str) -> list[str]:
