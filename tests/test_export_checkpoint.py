@@ -156,6 +156,18 @@ def test_convert_checkpoint(data, trained, tmp_path, name):
     assert_matches_reference(str(tmp_path / "hf"), ref)
 
 
+def test_export_rebuilds_in_the_dtype_a0_is_stored_in():
+    """bf16 runs: bf16; checkpoints that record no dtype (older ones): fp32; a run that kept an fp32 master
+    of A0 (saved as its A0): fp32, without a master."""
+    from megatron_poet.export.from_checkpoint import run_arguments
+
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size_unpadded=100)
+    assert run_arguments({**base, "bf16": True})[0].bf16
+    assert not run_arguments(base)[0].bf16
+    master = run_arguments({**base, "bf16": True, "poet_fp32_master_a0": True})[0]
+    assert not master.bf16 and not master.poet_fp32_master_a0
+
+
 @needs_corpus
 def test_bf16_run_is_exported_from_a_bf16_build(data, trained, tmp_path):
     """A bf16 run's model is rebuilt in bf16 for the export (A0 as stored: half an fp32 build's memory);

@@ -256,7 +256,10 @@ def test_refused_export_leaves_the_directory_as_it_was(tmp_path):
         model.decoder.layers[1].mlp.linear_fc2.weight[0, 0] = float("nan")
     with pytest.raises(UnsafeWeightsError, match="decoder.layers.1|model.layers.1"):
         export_gpt_model(model, str(tmp_path), tokenizer=TokenizerInfo(vocab_size=VOCAB), max_shard_size="40KB")
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # (no staging directory left either)
+    with pytest.raises(UnsafeWeightsError):
+        export_gpt_model(model, str(tmp_path / "fresh"), tokenizer=TokenizerInfo(vocab_size=VOCAB))
+    assert not (tmp_path / "fresh").exists()
     with pytest.raises(ValueError, match="cannot plan shards of '5 parsecs'"):
         export_gpt_model(model, str(tmp_path / "new"), max_shard_size="5 parsecs")
     assert not (tmp_path / "new").exists()

@@ -27,7 +27,8 @@
    (:data:`PEAK_MODEL`, fp32, 3 iterations) at 1, 2 and 4 ranks, ZeRO-1 vs ZeRO-3, beside the ledger's
    state per rank (part 1's rule in fp32) plus the runtime measured at 1 rank under ZeRO-1 (its peak
    minus its state). ZeRO-3 builds the model partitioned (``deepspeed.zero.Init``), so its peak falls
-   with the number of ranks; runs use glibc's ``MALLOC_ARENA_MAX=2`` (see docs/DEEPSPEED.md).
+   with the number of ranks; runs use glibc's ``MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=0`` (see
+   docs/DEEPSPEED.md).
 
   python tools/benchmark_deepspeed_memory.py             # tables 1 and 2 (measuring takes a few minutes)
   python tools/benchmark_deepspeed_memory.py --computed  # table 1 only

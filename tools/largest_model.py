@@ -14,7 +14,8 @@ training peak and its error (against the larger of train and resume), seconds pe
 
 Flags of every run: bf16, the distributed optimizer, SDPA attention, full recomputation of every
 layer, micro-batch 1 (one micro-batch per step), ``--poet-mode mem``, POET block 256; environment:
-glibc's ``MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=0`` (freed memory goes back to the system)::
+glibc's ``MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=0`` unless set otherwise (freed memory goes back to
+the system; a launch without them may peak higher)::
 
     python tools/largest_model.py --memory-budget-gib 8 --seq-length 256
     python tools/largest_model.py --dry-run                 # predictions only, this machine's memory
@@ -75,7 +76,8 @@ def shape_flags(config: tuple, seq: int) -> list[str]:
 def run_measured(argv: list[str], log: str) -> tuple[int, int, str]:
     """``(exit code, peak RSS bytes of the process tree, output)`` of ``python argv`` (output to ``log``)."""
     # glibc returns freed memory at once (no per-thread arenas holding it): see docs/DEEPSPEED.md
-    env = dict(os.environ, GPUS_PER_NODE="1", PYTHONWARNINGS="ignore", MALLOC_ARENA_MAX="2", MALLOC_TRIM_THRESHOLD_="0")
+    env = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0", **os.environ, "GPUS_PER_NODE": "1",
+           "PYTHONWARNINGS": "ignore"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of the process and its waited children

@@ -22,10 +22,10 @@ SHAPE_ARGS = (
     "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
 )
 # Recorded too, for tools reading the checkpoint (the export ships the tokenizer and the dropout, and
-# builds the model in the dtype its tensors are stored in) and for the resume checks (the distributed
-# optimizer's state follows the expert-parallel layout).
+# builds the model in the dtype its A0 is stored in: the run's, or fp32 where it kept an fp32 master)
+# and for the resume checks (the distributed optimizer's state follows the expert-parallel layout).
 RECORDED_ARGS = ("tokenizer_type", "tokenizer_model", "hidden_dropout", "attention_dropout",
-                 "expert_model_parallel_size", "bf16")
+                 "expert_model_parallel_size", "bf16", "poet_fp32_master_a0")
 
 
 def shape_args(args: argparse.Namespace) -> dict:

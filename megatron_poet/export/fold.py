@@ -8,6 +8,7 @@ the export dtype.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator
 
 import torch
@@ -64,7 +65,8 @@ def dense_state_dict(model: nn.Module, *, dtype: torch.dtype | None = None,
     layers = [(name, m) for name, m in model.named_modules()
               if isinstance(m, POETModule) and not (exclude and f"{name}.".startswith(exclude))]
     prefixes = [f"{name}." if name else "" for name, _ in layers]
-    with canonical_a0(model):  # the state's A0 entries are dropped below: take them without copies
+    # the state's A0 entries are dropped below: take them without copies (nothing to do without POET layers)
+    with canonical_a0(model) if layers else contextlib.nullcontext():
         state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
                  and not (exclude and k.startswith(exclude))
                  and not any(k.startswith(p) and k[len(p):] not in _DENSE_LINEAR_ENTRIES for p in prefixes)}

@@ -70,7 +70,10 @@ def run_arguments(saved: dict) -> tuple[argparse.Namespace, dict]:
     assumed = {k: getattr(args, k) for k in FUNCTION_ARGS if k not in saved and hasattr(args, k)}
     vars(args).update(saved)
     # One unsharded copy in this process, in the run's own dtype (what its checkpoint holds, so A0 takes no
-    # more room than in training); folding P A0 R computes in fp32 a layer at a time.
+    # more room than in training; fp32 for checkpoints that record no dtype); folding P A0 R computes in
+    # fp32 a layer at a time. A run that kept an fp32 master of A0 saved that master as A0: rebuilt in fp32.
+    if args.poet_fp32_master_a0:
+        args.bf16 = args.poet_fp32_master_a0 = False
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = args.expert_model_parallel_size = 1
     args.virtual_pipeline_model_parallel_size = None
     args.sequence_parallel = False

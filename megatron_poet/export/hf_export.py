@@ -94,6 +94,9 @@ def hf_state_chunks(model, tokenizer: TokenizerInfo | None, progress: bool = Fal
     ids = dict(bos_token_id=tokenizer.bos_token_id if tokenizer else None,
                eos_token_id=tokenizer.eos_token_id if tokenizer else None,
                pad_token_id=tokenizer.pad_token_id if tokenizer else None)
+    if len(model.decoder.layers) != spec.num_layers:
+        raise ValueError(f"the model holds {len(model.decoder.layers)} transformer layers, its config "
+                         f"{spec.num_layers}: export a whole model (pipeline-parallel size 1)")
     outer, layers = dense_layer_states(model, _progress(progress, "exporting layers", "layer"), dtype=dtype,
                                        release=release)
     if spec.architecture in ("llama", "mixtral"):
@@ -179,9 +182,15 @@ def export_gpt_model(model, out_dir: str, *, tokenizer: TokenizerInfo | None = N
             check_folded(chunk, torch_dtype)
         return {k: v.to(torch_dtype) for k, v in chunk.items()}
 
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     # Weights first: a refusal midway leaves out_dir as it was (write_safetensors stages its shards).
-    write_safetensors(out_dir, map(checked, chunks), max_shard_size)
+    try:
+        write_safetensors(out_dir, map(checked, chunks), max_shard_size)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     # transformers < 5 reads the rotary base and scaling from top-level rope_theta / rope_scaling.
     extra = {"rope_theta": spec.rope_theta, "rope_scaling": spec.rope_scaling} if spec.rope_theta is not None else None
     write_config(out_dir, config, torch_dtype, extra)

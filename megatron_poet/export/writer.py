@@ -50,8 +50,9 @@ def parse_size(size: str | int) -> int:
 def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
-    # safetensors refuses views sharing storage (e.g. Q/K/V slices of one fused tensor).
-    save_file({k: v.contiguous().clone() if v._base is not None or not v.is_contiguous() else v
+    # safetensors refuses non-contiguous tensors (GPT-2's transposed Conv1D weights) and tensors sharing
+    # storage (e.g. Q/K/V slices of one fused tensor): copy any tensor that is not the whole of its storage.
+    save_file({k: v.contiguous().clone() if not v.is_contiguous() or v.untyped_storage().nbytes() != v.nbytes else v
                for k, v in tensors.items()}, path, metadata={"format": "pt"})
     os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; give the usual permissions
 
@@ -66,7 +67,8 @@ def write_safetensors(out_dir: str, chunks: Iterable[dict[str, torch.Tensor]],
 
     Nothing in ``out_dir`` changes until every chunk is written (the shards go to a hidden directory first;
     an exception from ``chunks``, e.g. a refusal, leaves ``out_dir`` as it was); then stale model files are
-    removed, so an index never coexists with an old single file. Returns the files written.
+    removed (and the staging directories of interrupted exports), so an index never coexists with an old
+    single file. Returns the files written.
     """
     limit = parse_size(max_shard_size)
     staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
@@ -95,6 +97,8 @@ def write_safetensors(out_dir: str, chunks: Iterable[dict[str, torch.Tensor]],
         for stale in os.listdir(out_dir):
             if _SHARD_PATTERN.match(stale):
                 os.remove(os.path.join(out_dir, stale))
+            elif stale.startswith(".export-") and os.path.join(out_dir, stale) != staging:  # an interrupted export's
+                shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
         for k, name in enumerate(names):
             os.replace(os.path.join(staging, f"{k:05d}"), os.path.join(out_dir, name))
     finally:

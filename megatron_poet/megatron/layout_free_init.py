@@ -134,16 +134,17 @@ def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None
     poet = {id(p) for m in model.modules() if isinstance(m, _POETParallelLinear) for p in m.parameters()}
     redrawn, untracked = [], []
     for path, param in model.named_parameters():
+        init = getattr(param, _INIT_ATTR, None)
+        if init is None:
+            # (a partitioned parameter is flat here, so only whole builds, same code, run this check)
+            if param.dim() >= 2 and id(param) not in poet and config.perform_initialization:
+                untracked.append(path)
+            continue
+        delattr(param, _INIT_ATTR)
+        name = name_of(path)
+        if getattr(param, "shared_embedding", False):  # the last stage's copy of tied word embeddings
+            name, init = WORD_EMBEDDINGS, config.embedding_init_method
         with full_parameters([param]):
-            init = getattr(param, _INIT_ATTR, None)
-            if init is None:
-                if param.dim() >= 2 and id(param) not in poet and config.perform_initialization:
-                    untracked.append(path)
-                continue
-            delattr(param, _INIT_ATTR)
-            name = name_of(path)
-            if getattr(param, "shared_embedding", False):  # the last stage's copy of tied word embeddings
-                name, init = WORD_EMBEDDINGS, config.embedding_init_method
             shape = list(param.shape)
             split, rank = expert_tp if is_expert_parameter(param) else (tp_size, tp_rank)  # experts: over expert TP
             if getattr(param, "tensor_model_parallel", False):
@@ -154,7 +155,7 @@ def redraw_parameters(model: nn.Module, seed: int, vocab_size: int | None = None
                 torch.default_generator.manual_seed(mix_seed(seed, "parameter", name))
                 init(drawn)
             param.copy_(_shard(full, param, split, rank))
-            redrawn.append(name)
+        redrawn.append(name)
     if untracked:
         raise RuntimeError(
             "these parameters were initialized outside megatron's config init methods, so their values would "

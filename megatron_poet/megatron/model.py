@@ -7,6 +7,10 @@ anything is built.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -96,6 +100,22 @@ def validate_model_config(config: TransformerConfig, poet: POETConfig | None, vo
         raise ValueError("invalid model layout:\n  " + "\n  ".join(errors))
 
 
+@dataclass(frozen=True)
+class PartitionedBuild:
+    """How to build a model partitioned across ranks (DeepSpeed ZeRO-3's ``zero.Init``).
+
+    Attributes:
+        construction: a fresh context entered around megatron's constructor only, where each module's
+            parameters are partitioned as soon as it is made (and whatever tensor-creation overrides it
+            brings stay away from the seeded draws that follow).
+        full_parameters: gives full parameters while their initial values are drawn, after construction
+            (:data:`.layout_free_init.FullParameters`).
+    """
+
+    construction: Callable[[], ContextManager]
+    full_parameters: FullParameters
+
+
 def initialize_poet_layers(model: torch.nn.Module, seed: int, full_parameters: FullParameters = already_full) -> int:
     """Draw ``A0`` and the permutations of every POET layer from ``(seed, layer identity)``.
 
@@ -120,11 +140,11 @@ def initialize_poet_layers(model: torch.nn.Module, seed: int, full_parameters: F
 def _build(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int, seed: int,
     backend: str, vp_stage: int | None, unpadded_vocab_size: int | None, attention: str,
-    full_parameters: FullParameters | None, **gpt_kwargs,
+    partitioned: PartitionedBuild | None, **gpt_kwargs,
 ) -> GPTModel:
     compat.check_version()
     validate_model_config(config, poet, vocab_size)
-    with recording_init_methods(config):
+    with recording_init_methods(config), (partitioned.construction() if partitioned else contextlib.nullcontext()):
         model = GPTModel(
             config=config,
             transformer_layer_spec=gpt_block_spec(config, poet, backend, attention),
@@ -135,7 +155,7 @@ def _build(
             vp_stage=vp_stage,
             **gpt_kwargs,
         )
-    full_parameters = full_parameters or already_full
+    full_parameters = partitioned.full_parameters if partitioned else already_full
     mark_expert_parameters(model)
     redraw_parameters(model, seed, unpadded_vocab_size, full_parameters)
     if unpadded_vocab_size is not None:
@@ -150,7 +170,7 @@ def build_llama_model(
     seed: int = 1234, backend: str = "auto", rotary_base: float = 10000, vp_stage: int | None = None,
     unpadded_vocab_size: int | None = None, tie_embeddings: bool = False, rope_scaling_factor: float | None = None,
     seq_len_interpolation_factor: float | None = None, attention: str = "sdpa",
-    full_parameters: FullParameters | None = None,
+    partitioned: PartitionedBuild | None = None,
 ) -> GPTModel:
     """Llama-style GPTModel (RMSNorm, SwiGLU, RoPE, GQA, no biases; untied embeddings unless ``tie_embeddings``).
 
@@ -169,15 +189,15 @@ def build_llama_model(
             ``rope_scaling``); ``None``: none. Kept on the model as ``rope_scaling_factor`` (megatron
             does not keep it) for the export.
         seq_len_interpolation_factor: linear RoPE position interpolation (``None``: none).
-        full_parameters: for a model built partitioned (under ``deepspeed.zero.Init``), how to reach
-            the full parameters while they are drawn (:data:`.layout_free_init.FullParameters`); ``None``: built whole.
+        partitioned: how to build the model partitioned across ranks (:class:`PartitionedBuild`); ``None``:
+            built whole.
     """
     expected = dict(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False)
     wrong = [f"{k}={getattr(config, k)!r} (expected {v!r})" for k, v in expected.items() if getattr(config, k) != v]
     if wrong:
         raise ValueError("build_llama_model needs a Llama-style config (use llama_config): " + ", ".join(wrong))
     model = _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
-                   attention, full_parameters, position_embedding_type="rope", rotary_base=rotary_base,
+                   attention, partitioned, position_embedding_type="rope", rotary_base=rotary_base,
                    share_embeddings_and_output_weights=tie_embeddings,
                    rope_scaling=rope_scaling_factor is not None, rope_scaling_factor=rope_scaling_factor or 8.0,
                    seq_len_interpolation_factor=seq_len_interpolation_factor)
@@ -188,11 +208,11 @@ def build_llama_model(
 def build_gpt2_model(
     config: TransformerConfig, poet: POETConfig | None, vocab_size: int, max_sequence_length: int,
     seed: int = 1234, backend: str = "auto", vp_stage: int | None = None, unpadded_vocab_size: int | None = None,
-    tie_embeddings: bool = True, attention: str = "sdpa", full_parameters: FullParameters | None = None,
+    tie_embeddings: bool = True, attention: str = "sdpa", partitioned: PartitionedBuild | None = None,
 ) -> GPTModel:
     """GPT-2-style GPTModel (LayerNorm, GELU, biases, learned positions; tied embeddings unless not
     ``tie_embeddings``); arguments as :func:`build_llama_model`."""
     if config.normalization != "LayerNorm" or config.gated_linear_unit:
         raise ValueError("build_gpt2_model needs a GPT-2-style config (use gpt2_config)")
     return _build(config, poet, vocab_size, max_sequence_length, seed, backend, vp_stage, unpadded_vocab_size,
-                  attention, full_parameters, position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tie_embeddings)
+                  attention, partitioned, position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tie_embeddings)

@@ -257,7 +257,8 @@ class SetupClock:
 
     def mark(self, phase: str, made: tuple[float, str] | None = None) -> None:
         """``phase`` ended now (it began at the previous mark); ``made``: ``(count, what)`` the phase
-        produced, reported with its rate (e.g. ``(2.6e8, "A0 elements")`` -> "260,000,000 A0 elements, 41.2M/s")."""
+        produced, reported with its rate over the whole phase (e.g. ``(2.6e8, "A0 elements")`` ->
+        "260,000,000 A0 elements, 41.2M/s"; a lower bound of the rate of that part of the phase)."""
         now = time.time()
         seconds = now - self._last
         if made:

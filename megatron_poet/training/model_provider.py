@@ -55,7 +55,7 @@ def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
 
 
 def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None = None, config=None,
-                full_parameters=None):
+                partitioned=None):
     """A megatron-core ``GPTModel`` for this pipeline stage (virtual stage ``vp_stage``) on the current device.
 
     Args:
@@ -63,9 +63,9 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
         vocab_size: padded vocabulary size (:func:`padded_vocab_size`).
         vp_stage: the virtual pipeline stage (``None`` without ``--num-layers-per-virtual-pipeline-stage``).
         config: the ``TransformerConfig`` to use (default: a new :func:`transformer_config`).
-        full_parameters: for a model built partitioned (an engine's construction context, e.g. ZeRO-3's
-            ``zero.Init``), how the initialization reaches full parameters (see
-            :func:`~.engine.partitioned_construction`); ``None``: built whole.
+        partitioned: a :class:`~megatron_poet.megatron.model.PartitionedBuild` to build the model
+            partitioned across ranks (the engine's choice: :func:`~.engine.partitioned_construction`);
+            ``None``: built whole.
     The same ``--seed`` gives the same model at any parallel layout.
     Raises ValueError for a layout the layers cannot take (listed by the megatron builders).
     With ``--fp8-format`` the POET layers' frozen GEMMs run in FP8 (:mod:`.fp8`).
@@ -75,7 +75,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
     config = config or transformer_config(args)
     # The real vocabulary: its padding is zero and masked, so it never changes the model.
     common = dict(seed=args.seed, vp_stage=vp_stage, unpadded_vocab_size=getattr(args, "vocab_size_unpadded", None),
-                  full_parameters=full_parameters,
+                  partitioned=partitioned,
                   tie_embeddings=not args.untie_embeddings_and_output_weights, attention=architecture.attention_backend(args))
     if args.model_style == "llama":
         model = build_llama_model(config, poet_config(args), vocab_size, args.max_position_embeddings,
@@ -93,11 +93,11 @@ def build_model(args: argparse.Namespace, vocab_size: int, vp_stage: int | None 
     return model
 
 
-def build_model_chunks(args: argparse.Namespace, vocab_size: int, full_parameters=None) -> list:
+def build_model_chunks(args: argparse.Namespace, vocab_size: int, partitioned=None) -> list:
     """This rank's model chunks in pipeline order: one per virtual pipeline stage (one without
     virtual stages), sharing one ``TransformerConfig`` (megatron's schedules read it from the first).
-    ``full_parameters``: as :func:`build_model`."""
+    ``partitioned``: as :func:`build_model`."""
     config = transformer_config(args)
     stages = args.virtual_pipeline_model_parallel_size
-    return [build_model(args, vocab_size, vp_stage, config, full_parameters)
+    return [build_model(args, vocab_size, vp_stage, config, partitioned)
             for vp_stage in (range(stages) if stages else [None])]

@@ -136,9 +136,7 @@ def _run(argv: list[str] | None) -> int:
 
         vocab = args.padded_vocab_size = padded_vocab_size(args.vocab_size_unpadded, args)
         try:
-            construction, full_parameters = partitioned_construction(args)
-            with construction:  # ZeRO-3: partitioned as it is built
-                model_chunks = build_model_chunks(args, vocab, full_parameters)
+            model_chunks = build_model_chunks(args, vocab, partitioned_construction(args))
             # A0 elements this rank drew (all of each layer's under ZeRO-3, which keeps a partition of it)
             a0 = sum(getattr(m.frozen_weight, "ds_numel", m.frozen_weight.numel())
                      for chunk in model_chunks for m in poet_modules(chunk))

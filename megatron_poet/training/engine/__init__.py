@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-from typing import ContextManager
 
 from torch import nn
 
@@ -24,21 +22,19 @@ def build_engine(args: argparse.Namespace, model_chunks: list[nn.Module]) -> Tra
     return MegatronEngine(args, model_chunks)
 
 
-def partitioned_construction(args: argparse.Namespace) -> tuple[ContextManager, object]:
-    """How the engine ``args`` selects wants the model built: ``(context, full_parameters)``.
+def partitioned_construction(args: argparse.Namespace):
+    """How the engine ``args`` selects wants the model built: a
+    :class:`~megatron_poet.megatron.model.PartitionedBuild`, or ``None`` (built whole).
 
-    DeepSpeed ZeRO-3: inside ``deepspeed.zero.Init``, each module's parameters partitioned over the
-    data-parallel ranks as soon as the module is made (so no rank ever holds the whole model), and
-    ``full_parameters`` gathers a layer's parameters while its initial values are drawn (see
-    :data:`megatron_poet.megatron.layout_free_init.FullParameters`). Otherwise, and for ``--finetune``
-    (whose weights are loaded into the built model before the engine wraps it): built whole,
-    ``(nullcontext(), None)``.
+    DeepSpeed ZeRO-3 in fp32 (:func:`.deepspeed.zero3_construction`): each module's parameters partitioned
+    over the data-parallel ranks as soon as it is made, so no rank ever holds the whole model. Built whole
+    otherwise, and for ``--finetune`` (whose weights are loaded into the model before the engine wraps it).
     """
     if args.deepspeed and not args.finetune:
         from .deepspeed import zero3_construction
 
         return zero3_construction(args)
-    return contextlib.nullcontext(), None
+    return None
 
 
 __all__ = ["BatchLoss", "StepResult", "TrainingEngine", "TrainingState", "build_engine", "partitioned_construction"]

@@ -10,7 +10,7 @@ clips at the accumulation boundary.
 
 Under ZeRO-3 every parameter is partitioned across data-parallel ranks, the frozen ``A0``
 (a parameter with ``requires_grad=False``) included, so its memory per rank falls with the
-number of ranks; it gets no gradient and no optimizer state. The model is built partitioned
+number of ranks; it gets no gradient and no optimizer state. In fp32 the model is built partitioned
 (:func:`zero3_construction`: ``deepspeed.zero.Init``), so no rank ever holds all of it. POET layers are ZeRO-3 *leaf*
 modules: their forward reaches the skew parameters of their ``OrthogonalSide`` children
 through a method (``side.blocks()``), which DeepSpeed's per-module gathering hooks would not
@@ -24,12 +24,11 @@ gloo does the same job, so that op is never built here.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import logging
 import os
 import warnings
-from typing import ContextManager, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -75,21 +74,26 @@ def param_groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
     return groups
 
 
-def zero3_construction(args: argparse.Namespace) -> tuple[ContextManager, object]:
-    """Under ZeRO-3: ``(deepspeed.zero.Init, full parameters by GatheredParameters)`` for building the model
-    partitioned (see :func:`.partitioned_construction`); other stages: ``(nullcontext(), None)``.
+def zero3_construction(args: argparse.Namespace):
+    """ZeRO-3 in fp32: a :class:`~megatron_poet.megatron.model.PartitionedBuild` that constructs the model
+    inside ``deepspeed.zero.Init`` and draws each layer's initial values after it under
+    ``GatheredParameters`` (every rank draws the same values from the seed: :func:`.deepspeed_state.gathered`).
+    Otherwise ``None`` (built whole, partitioned by ``deepspeed.initialize``).
 
-    Every rank draws the same initial values (from the seed), so the gathered parameters are written on
-    every rank alike (:func:`.deepspeed_state.gathered`).
+    Not in bf16: ``zero.Init`` casts every floating tensor made inside it to the parameters' dtype,
+    including the ones a whole build keeps in fp32 (RoPE's ``inv_freq``, a POET layer's initial row norms),
+    which would change the model.
     """
-    config = deepspeed_config(args)
-    if config["zero_optimization"]["stage"] != 3:
-        return contextlib.nullcontext(), None
+    if deepspeed_config(args)["zero_optimization"]["stage"] != 3 or args.bf16:
+        return None
+    from megatron_poet.megatron.model import PartitionedBuild
+
     deepspeed = import_deepspeed()
     # on the process group the program made (as deepspeed.initialize does later), so the config sees every rank
     deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-    init = deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    return init, lambda params: gathered(params, modified=True)
+    config = deepspeed_config(args)
+    return PartitionedBuild(construction=lambda: deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32),
+                            full_parameters=lambda params: gathered(params, modified=True))
 
 
 def _prepare_zero3(deepspeed, model: nn.Module) -> None:
