@@ -52,7 +52,8 @@ def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
 
     # safetensors refuses non-contiguous tensors (GPT-2's transposed Conv1D weights) and tensors sharing
     # storage (e.g. Q/K/V slices of one fused tensor): copy any tensor that is not the whole of its storage.
-    save_file({k: v.contiguous().clone() if not v.is_contiguous() or v.untyped_storage().nbytes() != v.nbytes else v
+    save_file({k: v.clone(memory_format=torch.contiguous_format)
+               if not v.is_contiguous() or v.untyped_storage().nbytes() != v.nbytes else v
                for k, v in tensors.items()}, path, metadata={"format": "pt"})
     os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; give the usual permissions
 

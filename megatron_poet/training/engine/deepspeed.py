@@ -84,14 +84,14 @@ def zero3_construction(args: argparse.Namespace):
     including the ones a whole build keeps in fp32 (RoPE's ``inv_freq``, a POET layer's initial row norms),
     which would change the model.
     """
-    if deepspeed_config(args)["zero_optimization"]["stage"] != 3 or args.bf16:
+    config = deepspeed_config(args)
+    if config["zero_optimization"]["stage"] != 3 or args.bf16:
         return None
     from megatron_poet.megatron.model import PartitionedBuild
 
     deepspeed = import_deepspeed()
     # on the process group the program made (as deepspeed.initialize does later), so the config sees every rank
     deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-    config = deepspeed_config(args)
     return PartitionedBuild(construction=lambda: deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32),
                             full_parameters=lambda params: gathered(params, modified=True))
 
