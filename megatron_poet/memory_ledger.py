@@ -53,6 +53,7 @@ class Ledger:
     peak: int = 0
     peak_rss: int = 0
     init_transient: float = 0.0  # x the layer's A0
+    save_peak: int = 0  # a checkpoint save between steps (computed ledgers, see computed_ledger)
 
     @property
     def static(self) -> int:
@@ -165,4 +166,7 @@ def computed_ledger(model: str | tuple, tp: int, dp: int, method: str, seq: int,
     ledger = Ledger(parameters=int(2 * trainable), a0=int(a0), gradients=int(4 * trainable),
                     optimizer=int(12 * trainable / dp), blocks=int(blocks), saved=int(saved))
     ledger.peak = ledger.static + ledger.blocks + ledger.saved + int(transient + dequantized)
+    # megatron's checkpoint writer clones every tensor that views part of a larger storage before writing: the
+    # parameters, views of the distributed optimizer's contiguous buffer (A0 is saved from its own storage)
+    ledger.save_peak = ledger.static + ledger.parameters
     return ledger

@@ -154,3 +154,48 @@ def test_checkpoints_take_the_a0_in_place(storage):
         for theirs, ours in zip(poet_modules(other), poet_modules(model)):
             assert torch.equal(theirs.frozen_weight, ours.frozen_weight)
             assert torch.equal(theirs.output_side.perm, ours.output_side.perm)
+
+
+@pytest.mark.parametrize("older_halves", [False, True])
+def test_a_gated_a0_is_saved_from_its_own_storage_and_older_halves_still_load(tmp_path, older_halves):
+    """megatron's writer clones, before it writes anything, every tensor that views part of a larger storage:
+    a SwiGLU ``linear_fc1``'s ``A0`` cut into gate and up halves was copied for every layer at once at a save.
+    Saved whole (global ``(2, ffn, ...)``), ``A0``, its 8-bit scales and the other gated buffers are the layers'
+    own storage.
+    Either layout (halves: checkpoints written before) loads into a model of another seed bitwise."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from megatron_poet.checkpoint import DistFormat
+    from megatron_poet.megatron.cpu_backend import single_process
+    from megatron_poet.megatron.layer_checkpoint import GATED_KEYS_AS_HALVES, canonical_a0
+    from megatron_poet.poet.optim import poet_modules
+    from megatron_poet.training.arguments import parse_args
+    from megatron_poet.training.model_provider import build_model
+    from megatron_poet.training.process import prepare_checkpoint_results_queue
+
+    prepare_checkpoint_results_queue(background_saves=False)  # as the program does (no writer process)
+    argv = ["--model-style", "llama", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96",
+            "--num-attention-heads", "4", "--poet-block-size", "16", "--poet-a0-storage", "int8",
+            "--poet-a0-group-size", "16"]
+    with single_process():
+        args = parse_args(argv)
+        args.vocab_size_unpadded = 100
+        model = build_model(args, 128)
+        with canonical_a0(model):
+            sharded = model.sharded_state_dict(metadata={GATED_KEYS_AS_HALVES: True} if older_halves else {})
+            apply_factories(sharded)
+            fc1 = [t for t in nested_values(sharded) if isinstance(t, ShardedTensor) and ".linear_fc1." in t.key]
+            views = {t.key.split(".linear_fc1.")[1] for t in fc1 if t.data.untyped_storage().nbytes() != t.data.nbytes}
+            gated = {"base_weight", "frozen_scale", "frozen_zero", "output_side.perm", "frozen_init_sq_norms"}
+            # (the skews stay in halves either way, see sharded_poet_state_dict)
+            assert views == {"output_side.skew"} | (gated if older_halves else set())
+            sharded = model.sharded_state_dict(metadata={GATED_KEYS_AS_HALVES: True} if older_halves else {})
+            dist_checkpointing.save({"model": sharded}, str(tmp_path))
+        other = build_model(parse_args(argv + ["--seed", "7"]), 128)
+        DistFormat().load_model_weights(other, str(tmp_path))
+        for theirs, ours in zip(poet_modules(other), poet_modules(model)):
+            for name in ("frozen_weight", "frozen_scale", "frozen_zero"):
+                assert torch.equal(getattr(theirs, name), getattr(ours, name)), name
+            assert torch.equal(theirs.output_side.perm, ours.output_side.perm)

@@ -5,10 +5,13 @@ weights dominate, as in the large models; ~25 s (three fresh processes). Checked
 POET-mem peak <= 0.7x AdamW's; saved for backward <= 1.2x AdamW's in "mem" mode and <= 1.5x
 in "fast" mode; POET saves nothing token-independent beyond what AdamW saves; A0 initialization
 allocates at most one transient copy; the activation model of the computed ledgers agrees with
-the measurement. The computed part is checked for the headline case (Llama-8B on one 80 GB GPU).
+the measurement. The computed part is checked for the headline case (Llama-8B on one 80 GB GPU), and
+the save's term of the computed ledger against the bytes a real checkpoint save copies.
 """
 import importlib.util
 import os
+import re
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,3 +70,30 @@ def test_computed_llama_8b_on_one_80gb_gpu():
     # bf16 A0 of the 6.98e9 linear weights; AdamW: 18 bytes per parameter (bf16 param, fp32 grad, fp32 main + Adam)
     assert abs(mem.a0 / 2 - 6.98e9) < 0.01e9
     assert abs((adamw.parameters + adamw.gradients + adamw.optimizer) / 18 - 8.03e9) < 0.01e9
+
+
+def test_a_save_copies_the_parameters_and_nothing_of_a0(tmp_path):
+    """``Ledger.save_peak`` = what a step keeps + the parameters: megatron's writer copies every saved tensor
+    that views part of a larger storage (:mod:`_save_copies_driver`) — with the distributed optimizer every
+    parameter, views of its contiguous buffer — and nothing of ``A0`` (saved from the layers' own storage, a
+    gated ``linear_fc1``'s too). The bytes a real save (bf16, 8-bit ``A0``) copies equal the ledger's
+    parameters exactly (its count of the trainable parameters is independent of the model's code)."""
+    from test_training import _env, _free_port
+
+    from megatron_poet.memory_ledger import computed_ledger
+
+    layers, hidden, ffn, heads, vocab = 2, 64, 128, 4, 256  # (mock data adds an end-of-document token: 255 + 1)
+    argv = ["--model-style", "llama", "--num-layers", str(layers), "--hidden-size", str(hidden), "--ffn-hidden-size",
+            str(ffn), "--num-attention-heads", str(heads), "--seq-length", "32", "--micro-batch-size", "1",
+            "--global-batch-size", "1", "--mock-data", "--vocab-size", str(vocab - 1), "--bf16",
+            "--use-distributed-optimizer", "--poet-block-size", "16", "--poet-a0-storage", "int8",
+            "--poet-a0-group-size", "16", "--train-iters", "1", "--eval-iters", "0", "--save", str(tmp_path),
+            "--save-interval", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(_free_port()),
+           os.path.join(ROOT, "tests", "_save_copies_driver.py"), *argv]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    copied = int(re.search(r"save copies (\d+) bytes", out.stdout).group(1))
+    ledger = computed_ledger((layers, hidden, ffn, heads, heads, vocab), 1, 1, "POET mem", 32, 1, 16, storage="int8")
+    assert copied == ledger.parameters
+    assert ledger.save_peak == ledger.static + ledger.parameters

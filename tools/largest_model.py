@@ -10,7 +10,8 @@ from the save for one more iteration, and ``tools/convert_to_hf.py`` exports the
 the three processes' peak resident memory (``wait4``'s ``ru_maxrss``, the launcher and its ranks)
 must stay within the budget, and the losses must be finite. Prints one Markdown table: shape,
 parameters, method and flags, fits, measured peaks (train / resume / export), the prediction of the
-training peak and its error (against the larger of train and resume), seconds per iteration.
+training peak (a step or the save after it) and its error (against the larger of train and resume),
+seconds per iteration.
 
 Flags of every run: bf16, the distributed optimizer, SDPA attention, full recomputation of every
 layer, micro-batch 1 (one micro-batch per step), ``--poet-mode mem``, POET block 256; environment:
@@ -87,11 +88,14 @@ def run_measured(argv: list[str], log: str) -> tuple[int, int, str]:
 
 
 def predicted_bytes(config: tuple, method: str, seq: int, baseline: float) -> float:
-    """The ledger's peak of a training step plus the process ``baseline`` (checkpoints take every ``A0`` in
-    place, ``megatron_poet.megatron.layer_checkpoint.canonical_a0``, so a save adds no copy of them)."""
+    """The ledger's peak of a training step or of the checkpoint save after it (whichever is larger), plus
+    the process ``baseline``. Checkpoints take every ``A0`` in place
+    (``megatron_poet.megatron.layer_checkpoint.canonical_a0``), so a save adds no copy of them; megatron's
+    writer copies the parameters (``Ledger.save_peak``)."""
     ledger_method, storage, _ = METHODS[method]
-    return computed_ledger(config, 1, 1, ledger_method, seq, 1, BLOCK, storage=storage, recompute=True,
-                           microbatches=1).peak + baseline
+    ledger = computed_ledger(config, 1, 1, ledger_method, seq, 1, BLOCK, storage=storage, recompute=True,
+                             microbatches=1)
+    return max(ledger.peak, ledger.save_peak) + baseline
 
 
 def try_shape(name: str, method: str, seq: int, work: str) -> dict:

@@ -57,10 +57,27 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _sharded_state(args, model_chunks, optimizer, *, is_loading: bool, with_rng: bool, sharding_type: str) -> dict:
+def _model_metadata(path: str | None) -> dict:
+    """``sharded_state_dict`` metadata of the model for checkpoint ``path`` (``None``: a new one). Checkpoints
+    written before a gated ``linear_fc1``'s ``A0`` was saved whole (global ``(2, ffn, hidden)``) hold it in
+    halves (``(2 ffn, hidden)``, as many dimensions as ``linear_fc2``'s)."""
+    from megatron_poet.megatron.layer_checkpoint import GATED_KEYS_AS_HALVES
+
+    if path is None:
+        return {}
+    shapes = read_tensor_shapes(path)
+    halves = any(len(shape) == len(shapes.get(key.replace("linear_fc1.", "linear_fc2."), ()))
+                 for key, shape in shapes.items() if key.endswith("linear_fc1.base_weight"))
+    return {GATED_KEYS_AS_HALVES: True} if halves else {}
+
+
+def _sharded_state(args, model_chunks, optimizer, *, loading: str | None, with_rng: bool, sharding_type: str) -> dict:
+    """The sharded state to save (``loading=None``) or to load from checkpoint directory ``loading``."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    models = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
+    is_loading, model_metadata = loading is not None, _model_metadata(loading)
+    models = {key: _unwrap(chunk).sharded_state_dict(metadata=model_metadata)
+              for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
     metadata = {"distrib_optim_sharding_type": sharding_type}
     state = {**models, **optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=metadata)}
     if with_rng:
@@ -135,7 +152,7 @@ class DistFormat(CheckpointFormat):
             if not args.async_save:  # (a forked writer's snapshot would copy the A0s the loop permutes back)
                 _canonical_a0(stack, engine.ddp_chunks)
             sharding_type = optimizer_sharding_type(args)
-            state = _sharded_state(args, engine.ddp_chunks, optimizer, is_loading=False, with_rng=True,
+            state = _sharded_state(args, engine.ddp_chunks, optimizer, loading=None, with_rng=True,
                                    sharding_type=sharding_type)
             merges = engine.merge_scheduler
             state.update(optimizer_sharding_type=sharding_type, iteration=iteration, consumed_samples=consumed_samples,
@@ -167,7 +184,7 @@ class DistFormat(CheckpointFormat):
         same_layout = tuple(common["layout"]) == layout()[0]
         with contextlib.ExitStack() as stack:
             _canonical_a0(stack, engine.ddp_chunks)
-            template = _sharded_state(args, engine.ddp_chunks, optimizer, is_loading=True, with_rng=same_layout,
+            template = _sharded_state(args, engine.ddp_chunks, optimizer, loading=path, with_rng=same_layout,
                                       sharding_type=common["optimizer_sharding_type"])
             with restricted_loading(f"checkpoint {path}"):
                 state = dist_checkpointing.load(template, path)
@@ -212,7 +229,7 @@ class DistFormat(CheckpointFormat):
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-        sharded = {"model": model.sharded_state_dict()}
+        sharded = {"model": model.sharded_state_dict(metadata=_model_metadata(path))}
         try:
             with restricted_loading(f"checkpoint {path}"):
                 available = load_sharded_metadata(path)

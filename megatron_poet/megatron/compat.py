@@ -86,6 +86,25 @@ def tp_and_dp_sharded_tensor(key: str, data: torch.Tensor, axis: int, tp_rank: i
     )
 
 
+def gated_sharded_tensor(sharded_tensor: ShardedTensor, sharded_offsets) -> ShardedTensor:
+    """A TP-sharded ``[gate; up]`` tensor (local ``(2c, ...)``, split along axis 0) as one ShardedTensor of
+    global shape ``(2, C, ...)`` over the view ``(2, c, ...)`` of the same storage, split along axis 1.
+
+    Reshards like :func:`apply_swiglu_sharded_factory`'s halves, but the saved tensor is the layer's own
+    storage: megatron's writer clones every tensor that views part of a larger storage before it writes
+    anything, so the halves would copy every layer's tensor at once.
+    """
+    prepend = len(sharded_offsets)
+    local = sharded_tensor.local_shape
+    rank_offset = sharded_tensor.global_offset[prepend] // local[0]
+    fragments = sharded_tensor.axis_fragmentations[prepend]
+    data = sharded_tensor.data.view(2, local[0] // 2, *local[1:])
+    return ShardedTensor.from_rank_offsets(
+        sharded_tensor.key, data, *sharded_offsets, (prepend + 1, rank_offset, fragments),
+        replica_id=sharded_tensor.replica_id, prepend_axis_num=prepend,
+    )
+
+
 _SWIGLU_PARAMS = inspect.signature(_mlp.apply_swiglu_sharded_factory).parameters
 
 

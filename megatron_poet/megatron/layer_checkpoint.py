@@ -4,8 +4,10 @@ State (``state_dict`` hooks and ``sharded_state_dict``) is layout-independent: `
 the un-permuted ``A0`` slice (float32 from the master when the layer keeps one, else in the
 layer's dtype), the sharded side's permutation is stored as the *global* indices it reads, and
 ``base_weight``, that permutation, the sharded side's skew blocks and ``frozen_init_sq_norms``
-are split along the TP axis (SwiGLU's ``linear_fc1``: gate and up halves separately), so a
-checkpoint reshards to any TP size dividing ``permutation_groups``. With 8-bit ``A0`` storage,
+are split along the TP axis (SwiGLU's ``linear_fc1``: the buffers each as one ``(2, rows, ...)`` tensor,
+gate and up, see :func:`.compat.gated_sharded_tensor`; the skews in halves by megatron's SwiGLU factory),
+so a checkpoint reshards to any TP size dividing ``permutation_groups``. Checkpoints written before hold
+the buffers in halves too: they load with ``metadata[GATED_KEYS_AS_HALVES]``. With 8-bit ``A0`` storage,
 ``base_weight`` holds the uint8 codes un-permuted, and ``frozen_scale``/``frozen_zero`` their groups'
 scales with canonical rows; their columns follow the stored input order, which within each
 permutation group is the same at every TP size (the quantization group divides it), so they are
@@ -23,6 +25,7 @@ from ..poet.merge import permute_, permuted_copy
 from . import compat
 
 _QUANTIZATION_KEYS = ("frozen_scale", "frozen_zero")  # 8-bit A0 storage: per-group scales and zero points
+GATED_KEYS_AS_HALVES = "poet_gated_keys_as_halves"  # sharded_state_dict metadata: older checkpoints' layout
 
 
 class MasterShard:
@@ -145,6 +148,10 @@ def from_canonical_state(module, state_dict: dict, prefix: str, *args) -> None:
     key = f"{prefix}{module._sharded_side_name()}.perm"
     if prefix + "base_weight" not in state_dict or key not in state_dict:
         return  # strict loading reports the missing keys
+    for name in _gated_buffers(module) if module.stride == 2 else ():  # a sharded load gives (2, rows, ...)
+        loaded = state_dict.get(prefix + name)
+        if loaded is not None and loaded.dim() == _own_tensor(module, name).dim() + 1:
+            state_dict[prefix + name] = loaded.flatten(0, 1)
     state_dict[key] = module.sharded.from_canonical(state_dict[key], module.name)
     out_perm = state_dict[prefix + "output_side.perm"].to(torch.long)
     in_perm = state_dict[prefix + "input_side.perm"].to(torch.long)
@@ -163,6 +170,19 @@ def from_canonical_state(module, state_dict: dict, prefix: str, *args) -> None:
         if prefix + key in state_dict:  # (strict loading reports a missing one)
             state_dict[prefix + key] = state_dict[prefix + key].index_select(0, out_perm)
     module.initialized = True
+
+
+def _gated_buffers(module) -> tuple[str, ...]:
+    """The TP-sharded buffers of a layer (in a gated ``linear_fc1`` each holds gate and up parts); the
+    sharded side's skews are TP-sharded too, but parameters."""
+    quantized = _QUANTIZATION_KEYS if module.frozen_scale is not None else ()
+    return ("base_weight", f"{module._sharded_side_name()}.perm", "frozen_init_sq_norms", *quantized)
+
+
+def _own_tensor(module, name: str) -> torch.Tensor:
+    """The layer's tensor behind state key ``name`` (``base_weight``: the ``A0`` it holds)."""
+    owner, _, attr = name.rpartition(".")
+    return module.frozen_weight if name == "base_weight" else getattr(module.get_submodule(owner), attr)
 
 
 def sharded_poet_state_dict(module, prefix: str, sharded_offsets: tuple, metadata: dict | None) -> dict:
@@ -185,8 +205,12 @@ def sharded_poet_state_dict(module, prefix: str, sharded_offsets: tuple, metadat
             prefix + "base_weight", module.frozen_master, module.sharded_axis, tp.rank(), tp.size(),
             module.master.rank, module.master.size, sharded_offsets)
     if module.stride == 2:
-        # MLP splits "weight"/"bias" of a gated linear_fc1 itself; the other sharded keys are ours.
-        for key in ("base_weight", f"{side}.perm", f"{side}.skew", "frozen_init_sq_norms", *quantized):
-            sharded[prefix + key] = compat.apply_swiglu_sharded_factory(
-                sharded[prefix + key], sharded_offsets, module.tp_group, metadata)
+        # MLP splits "weight"/"bias" of a gated linear_fc1 itself; the other sharded keys are ours. The buffers
+        # are each one (2, rows, ...) tensor of the layer's own storage (megatron's writer would clone halves);
+        # the skews keep megatron's factory, whose tensor is the parameter the optimizer state is mapped by.
+        whole = () if (metadata or {}).get(GATED_KEYS_AS_HALVES) else _gated_buffers(module)
+        for key in (*_gated_buffers(module), f"{side}.skew"):
+            sharded[prefix + key] = compat.gated_sharded_tensor(sharded[prefix + key], sharded_offsets) \
+                if key in whole else compat.apply_swiglu_sharded_factory(
+                    sharded[prefix + key], sharded_offsets, module.tp_group, metadata)
     return sharded
