@@ -14,7 +14,7 @@ random numbers) and writes ``REPORT_DIR/rank{R}.json``:
   the skew parameters (model, fp32 master, Adam moments, step);
 - ``built_partitioned``: whether every parameter was already partitioned when the engine got the model;
 - on rank 0, ``initial.pt``: every parameter and buffer of the model as the engine receives it
-  (gathered: under ZeRO-3 the model is built partitioned);
+  (gathered: under ZeRO-3 the model is built partitioned), and RoPE's ``inv_freq``;
 - and at each save, on rank 0, ``saved_dense_{iteration}.pt``: the dense ``P A0 R`` of every
   POET layer in memory at save time (for the export test).
 """
@@ -79,6 +79,8 @@ def init(self, args, model_chunks):
     model = self.model_chunks[0]
     with gathered(list(model.parameters()), False):
         initial = {name: t.detach().clone() for name, t in (*model.named_parameters(), *model.named_buffers())}
+    if getattr(model, "rotary_pos_emb", None) is not None:  # (an attribute, not a buffer)
+        initial["rotary_pos_emb.inv_freq"] = model.rotary_pos_emb.inv_freq.clone()
     if torch.distributed.get_rank() == 0:
         torch.save(initial, os.path.join(REPORT_DIR, "initial.pt"))
     REPORT["built_partitioned"] = built_partitioned

@@ -127,6 +127,27 @@ def test_zero3_builds_the_same_model_partitioned(zero_run):
         assert torch.equal(tensor, partitioned[name]), name
 
 
+def test_zero3_builds_the_same_bf16_model_partitioned(data, extensions_dir, stage_flags, tmp_path):
+    """In bf16 too (Llama style: RoPE): ``zero.Init`` overrides only the device, so what a whole build keeps in
+    fp32 (RoPE's ``inv_freq``, POET's initial row norms) stays fp32, and the gathered model is bitwise, dtypes
+    included, the one ZeRO-1 builds whole."""
+    initial = {}
+    for stage in (1, 3):
+        report = tmp_path / f"zero{stage}"
+        report.mkdir()
+        _torchrun(["tests/_deepspeed_driver.py", str(report), *data, *TINY, "--model-style", "llama", "--bf16",
+                   "--train-iters", "1", "--global-batch-size", "8", *stage_flags(stage)], extensions_dir)
+        built = [json.loads((report / f"rank{r}.json").read_text())["built_partitioned"] for r in range(2)]
+        assert built == [stage == 3] * 2
+        initial[stage] = torch.load(report / "initial.pt")
+    whole, partitioned = initial[1], initial[3]
+    assert list(whole) == list(partitioned)
+    fp32 = {name for name, t in whole.items() if t.dtype == torch.float32}
+    assert any(name.endswith("inv_freq") for name in fp32) and any("frozen_init_sq_norms" in n for n in fp32)
+    for name, tensor in whole.items():
+        assert tensor.dtype == partitioned[name].dtype and torch.equal(tensor, partitioned[name]), name
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_merge_resets_every_copy_and_keeps_the_function(stage, zero_run):
     """At both merges, on both ranks: each layer's dense P A0 R moves by at most the Cayley–Neumann

@@ -148,6 +148,7 @@ def _measure_worker(out_dir: str, argv: list[str]) -> int:
     import torch
 
     from megatron_poet.training import pretrain
+    from megatron_poet.training.engine import full_numel
 
     original = pretrain.train
 
@@ -165,10 +166,8 @@ def _measure_worker(out_dir: str, argv: list[str]) -> int:
 
         record = {"tensor_bytes": sum(storages.values()), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "param_bytes": sum(t.numel() * t.element_size() for t in held),
-                  "frozen": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params
-                                if not p.requires_grad),
-                  "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params
-                                   if p.requires_grad)}
+                  "frozen": sum(full_numel(p) for p in params if not p.requires_grad),
+                  "trainable": sum(full_numel(p) for p in params if p.requires_grad)}
         with open(os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
             json.dump(record, f)
         return state

@@ -22,7 +22,7 @@ from megatron_poet.safe_loading import UnsafeFileError
 
 from .arguments import ArgumentError, parse_args
 from .checkpointing import CheckpointError, check_checkpoint_args, load_finetune_weights
-from .engine import build_engine, partitioned_construction
+from .engine import build_engine, full_numel, partitioned_construction
 from .finite import EXIT_DIVERGED, TrainingDiverged
 from .fp8 import describe_run_fp8
 from .logging import SetupClock, TrainingLogger
@@ -138,16 +138,13 @@ def _run(argv: list[str] | None) -> int:
         try:
             model_chunks = build_model_chunks(args, vocab, partitioned_construction(args))
             # A0 elements this rank drew (all of each layer's under ZeRO-3, which keeps a partition of it)
-            a0 = sum(getattr(m.frozen_weight, "ds_numel", m.frozen_weight.numel())
-                     for chunk in model_chunks for m in poet_modules(chunk))
+            a0 = sum(full_numel(m.frozen_weight) for chunk in model_chunks for m in poet_modules(chunk))
             clock.mark("model", made=(a0, "A0 elements of this rank") if args.poet else None)
         except ValueError as e:
             if torch.distributed.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
             return 2
-        # (a parameter partitioned by ZeRO-3 counts its full size, ds_numel)
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for chunk in model_chunks for p in chunk.parameters()
-                       if p.requires_grad)
+        n_params = sum(full_numel(p) for chunk in model_chunks for p in chunk.parameters() if p.requires_grad)
         finetuned_from, refusal = None, None
         if args.finetune:  # the weights go into the model before the engine wraps it (and copies masters)
             try:

@@ -6,6 +6,7 @@ import argparse
 from torch import nn
 
 from .base import BatchLoss, StepResult, TrainingEngine, TrainingState
+from .deepspeed_state import full_numel
 
 
 def build_engine(args: argparse.Namespace, model_chunks: list[nn.Module]) -> TrainingEngine:
@@ -26,7 +27,7 @@ def partitioned_construction(args: argparse.Namespace):
     """How the engine ``args`` selects wants the model built: a
     :class:`~megatron_poet.megatron.model.PartitionedBuild`, or ``None`` (built whole).
 
-    DeepSpeed ZeRO-3 in fp32 (:func:`.deepspeed.zero3_construction`): each module's parameters partitioned
+    DeepSpeed ZeRO-3 (:func:`.deepspeed.zero3_construction`): each module's parameters partitioned
     over the data-parallel ranks as soon as it is made, so no rank ever holds the whole model. Built whole
     otherwise, and for ``--finetune`` (whose weights are loaded into the model before the engine wraps it).
     """
@@ -37,4 +38,5 @@ def partitioned_construction(args: argparse.Namespace):
     return None
 
 
-__all__ = ["BatchLoss", "StepResult", "TrainingEngine", "TrainingState", "build_engine", "partitioned_construction"]
+__all__ = ["BatchLoss", "StepResult", "TrainingEngine", "TrainingState", "build_engine", "full_numel",
+           "partitioned_construction"]

@@ -10,7 +10,7 @@ clips at the accumulation boundary.
 
 Under ZeRO-3 every parameter is partitioned across data-parallel ranks, the frozen ``A0``
 (a parameter with ``requires_grad=False``) included, so its memory per rank falls with the
-number of ranks; it gets no gradient and no optimizer state. In fp32 the model is built partitioned
+number of ranks; it gets no gradient and no optimizer state. The model is built partitioned
 (:func:`zero3_construction`: ``deepspeed.zero.Init``), so no rank ever holds all of it. POET layers are ZeRO-3 *leaf*
 modules: their forward reaches the skew parameters of their ``OrthogonalSide`` children
 through a method (``side.blocks()``), which DeepSpeed's per-module gathering hooks would not
@@ -40,7 +40,7 @@ from megatron_poet.poet.side import begin_step, step_blocks_pay_off
 from ..optimizer import canonical_learning_rate, dense_group_settings, lr_scheduler, poet_group_settings
 from .base import BatchLoss, StepResult, TrainingEngine, forward_step, num_microbatches, reduce_loss
 from .deepspeed_config import deepspeed_config
-from .deepspeed_state import POET_GROUP_KEY, SkippableStep, gathered, reset_poet_optimizer_state
+from .deepspeed_state import POET_GROUP_KEY, SkippableStep, full_shape, gathered, reset_poet_optimizer_state
 
 
 def import_deepspeed():
@@ -65,9 +65,7 @@ def param_groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
     POET factors: ``--poet-lr`` schedule, no weight decay; other matrices: ``--lr``, weight
     decay; other 1-D parameters (norms, biases): ``--lr``, no weight decay (Megatron's rule).
     """
-    # (a parameter ZeRO-3 built partitioned keeps its full shape as ds_shape)
-    groups = poet_param_groups(model, args.lr, args.poet_lr, args.weight_decay,
-                               shape_of=lambda p: getattr(p, "ds_shape", p.shape))
+    groups = poet_param_groups(model, args.lr, args.poet_lr, args.weight_decay, shape_of=full_shape)
     for group in groups:
         group.update(poet_group_settings(args) if group[POET_GROUP_KEY]
                      else dense_group_settings(args, decay=bool(group["weight_decay"])))
@@ -75,25 +73,30 @@ def param_groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
 
 
 def zero3_construction(args: argparse.Namespace):
-    """ZeRO-3 in fp32: a :class:`~megatron_poet.megatron.model.PartitionedBuild` that constructs the model
-    inside ``deepspeed.zero.Init`` and draws each layer's initial values after it under
-    ``GatheredParameters`` (every rank draws the same values from the seed: :func:`.deepspeed_state.gathered`).
-    Otherwise ``None`` (built whole, partitioned by ``deepspeed.initialize``).
+    """ZeRO-3: a :class:`~megatron_poet.megatron.model.PartitionedBuild` that constructs the model inside
+    ``deepspeed.zero.Init`` and draws each layer's initial values after it under ``GatheredParameters`` (every
+    rank draws the same values from the seed: :func:`.deepspeed_state.gathered`). Otherwise ``None`` (built
+    whole, partitioned by ``deepspeed.initialize``).
 
-    Not in bf16: ``zero.Init`` casts every floating tensor made inside it to the parameters' dtype,
-    including the ones a whole build keeps in fp32 (RoPE's ``inv_freq``, a POET layer's initial row norms),
-    which would change the model.
+    ``zero.Init`` overrides only the device of the tensors made inside it, not their dtype: by default it casts
+    every floating tensor to the run's dtype, in bf16 also those a whole build keeps in fp32 (RoPE's
+    ``inv_freq``, a POET layer's initial row norms), which would change the model.
     """
     config = deepspeed_config(args)
-    if config["zero_optimization"]["stage"] != 3 or args.bf16:
+    if config["zero_optimization"]["stage"] != 3:
         return None
     from megatron_poet.megatron.model import PartitionedBuild
 
     deepspeed = import_deepspeed()
+    from deepspeed.runtime.zero import DeepSpeedTensorOverride
+
     # on the process group the program made (as deepspeed.initialize does later), so the config sees every rank
     deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-    return PartitionedBuild(construction=lambda: deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32),
-                            full_parameters=lambda params: gathered(params, modified=True))
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return PartitionedBuild(
+        construction=lambda: deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype,
+                                                 tensor_overrides=[DeepSpeedTensorOverride.device]),
+        full_parameters=lambda params: gathered(params, modified=True))
 
 
 def _prepare_zero3(deepspeed, model: nn.Module) -> None:

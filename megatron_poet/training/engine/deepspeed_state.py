@@ -30,6 +30,16 @@ from megatron_poet.megatron.optimizer_state import zero_main_and_adam_state
 POET_GROUP_KEY = "poet"  # the key poet.optim.poet_param_groups sets
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """``param``'s shape; the whole tensor's for a parameter ZeRO-3 partitioned (DeepSpeed's ``ds_shape``)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """``param``'s number of elements; the whole tensor's under ZeRO-3 (``ds_numel``)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def poet_masters(ds_optimizer) -> list[torch.Tensor]:
     """This rank's fp32 flat tensors holding the POET factors' main copies (see the module docstring)."""
     inner = ds_optimizer.optimizer
