@@ -31,8 +31,9 @@ setup(
         "test": ["pytest", "pytest-timeout", "wandb"],
         "wandb": ["wandb"],
         # The DeepSpeed engine reaches into ZeRO optimizers' internals (megatron_poet/training/engine/
-        # deepspeed_state.py): tested with 0.19.8.
-        "deepspeed": ["deepspeed>=0.19,<0.20"],
+        # deepspeed_state.py): tested with 0.19.8; before it, the engine casts every buffer of a bf16 model to
+        # bf16 (POET's initial row norms are kept in fp32).
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         "te": ["transformer-engine[pytorch]"],
     },
 )

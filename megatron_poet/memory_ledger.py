@@ -166,7 +166,8 @@ def computed_ledger(model: str | tuple, tp: int, dp: int, method: str, seq: int,
     ledger = Ledger(parameters=int(2 * trainable), a0=int(a0), gradients=int(4 * trainable),
                     optimizer=int(12 * trainable / dp), blocks=int(blocks), saved=int(saved))
     ledger.peak = ledger.static + ledger.blocks + ledger.saved + int(transient + dequantized)
-    # megatron's checkpoint writer clones every tensor that views part of a larger storage before writing: the
-    # parameters, views of the distributed optimizer's contiguous buffer (A0 is saved from its own storage)
+    # megatron's checkpoint writer clones every CPU tensor that views part of a larger storage before writing: the
+    # parameters, views of the distributed optimizer's contiguous buffer (A0 is saved from its own storage, but
+    # for batched MoE experts, whose A0s are views of one stacked tensor: not counted here)
     ledger.save_peak = ledger.static + ledger.parameters
     return ledger

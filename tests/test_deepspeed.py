@@ -127,23 +127,28 @@ def test_zero3_builds_the_same_model_partitioned(zero_run):
         assert torch.equal(tensor, partitioned[name]), name
 
 
-def test_zero3_builds_the_same_bf16_model_partitioned(data, extensions_dir, stage_flags, tmp_path):
-    """In bf16 too (Llama style: RoPE): ``zero.Init`` overrides only the device, so what a whole build keeps in
-    fp32 (RoPE's ``inv_freq``, POET's initial row norms) stays fp32, and the gathered model is bitwise, dtypes
-    included, the one ZeRO-1 builds whole."""
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_zero3_builds_the_same_bf16_model_partitioned(style, data, extensions_dir, stage_flags, tmp_path):
+    """In bf16 too (Llama style): ``zero.Init`` overrides only the device, so what a whole build keeps in fp32
+    (RoPE's ``inv_freq``, POET's initial row norms) stays fp32, and the gathered model is bitwise, dtypes
+    included, the one ZeRO-1 builds whole. GPT-2 style (fp32 position embeddings, cast by the engine) is built
+    whole, so it is the same model too."""
     initial = {}
     for stage in (1, 3):
         report = tmp_path / f"zero{stage}"
         report.mkdir()
-        _torchrun(["tests/_deepspeed_driver.py", str(report), *data, *TINY, "--model-style", "llama", "--bf16",
+        _torchrun(["tests/_deepspeed_driver.py", str(report), *data, *TINY, "--model-style", style, "--bf16",
                    "--train-iters", "1", "--global-batch-size", "8", *stage_flags(stage)], extensions_dir)
         built = [json.loads((report / f"rank{r}.json").read_text())["built_partitioned"] for r in range(2)]
-        assert built == [stage == 3] * 2
+        assert built == [stage == 3 and style == "llama"] * 2
         initial[stage] = torch.load(report / "initial.pt")
     whole, partitioned = initial[1], initial[3]
     assert list(whole) == list(partitioned)
     fp32 = {name for name, t in whole.items() if t.dtype == torch.float32}
-    assert any(name.endswith("inv_freq") for name in fp32) and any("frozen_init_sq_norms" in n for n in fp32)
+    assert any("frozen_init_sq_norms" in name for name in fp32)
+    assert any(name.endswith("inv_freq") for name in fp32) == (style == "llama")
+    positions = [t.dtype for name, t in whole.items() if name.endswith("position_embeddings.weight")]
+    assert positions == ([torch.bfloat16] if style == "gpt2" else [])  # (every parameter follows the run)
     for name, tensor in whole.items():
         assert tensor.dtype == partitioned[name].dtype and torch.equal(tensor, partitioned[name]), name
 

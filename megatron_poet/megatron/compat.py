@@ -96,6 +96,8 @@ def gated_sharded_tensor(sharded_tensor: ShardedTensor, sharded_offsets) -> Shar
     """
     prepend = len(sharded_offsets)
     local = sharded_tensor.local_shape
+    if sharded_tensor.flattened_range is not None or local[0] % 2 or sharded_tensor.global_offset[prepend] % local[0]:
+        raise ValueError(f"{sharded_tensor.key}: not a whole [gate; up] shard along axis 0 ({sharded_tensor})")
     rank_offset = sharded_tensor.global_offset[prepend] // local[0]
     fragments = sharded_tensor.axis_fragmentations[prepend]
     data = sharded_tensor.data.view(2, local[0] // 2, *local[1:])

@@ -80,10 +80,12 @@ def zero3_construction(args: argparse.Namespace):
 
     ``zero.Init`` overrides only the device of the tensors made inside it, not their dtype: by default it casts
     every floating tensor to the run's dtype, in bf16 also those a whole build keeps in fp32 (RoPE's
-    ``inv_freq``, a POET layer's initial row norms), which would change the model.
+    ``inv_freq``, a POET layer's initial row norms), which would change the model. So a bf16 model is built
+    partitioned only where megatron makes every parameter in bf16: not GPT-2 style (its position embeddings
+    are made in fp32) or MoE (its routers), which the engine casts to bf16 when it gets them built whole.
     """
     config = deepspeed_config(args)
-    if config["zero_optimization"]["stage"] != 3:
+    if config["zero_optimization"]["stage"] != 3 or (args.bf16 and (args.model_style != "llama" or args.num_experts)):
         return None
     from megatron_poet.megatron.model import PartitionedBuild
 
