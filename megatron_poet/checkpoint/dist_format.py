@@ -57,15 +57,14 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _model_metadata(path: str | None) -> dict:
-    """``sharded_state_dict`` metadata of the model for checkpoint ``path`` (``None``: a new one). Checkpoints
-    written before a gated ``linear_fc1``'s ``A0`` was saved whole (global ``(2, ffn, hidden)``) hold it in
-    halves (``(2 ffn, hidden)``, as many dimensions as ``linear_fc2``'s)."""
+def _model_metadata(shapes: dict[str, tuple[int, ...]] | None) -> dict:
+    """``sharded_state_dict`` metadata of the model for a checkpoint whose tensors have global ``shapes`` (by
+    key; ``None``: a new checkpoint). Checkpoints written before a gated ``linear_fc1``'s ``A0`` was saved whole
+    (global ``(2, ffn, hidden)``) hold it in halves (``(2 ffn, hidden)``, as many dimensions as ``linear_fc2``'s)."""
     from megatron_poet.megatron.layer_checkpoint import GATED_KEYS_AS_HALVES
 
-    if path is None:
+    if shapes is None:
         return {}
-    shapes = read_tensor_shapes(path)
     halves = any(len(shape) == len(shapes.get(key.replace("linear_fc1.", "linear_fc2."), ()))
                  for key, shape in shapes.items() if key.endswith("linear_fc1.base_weight"))
     return {GATED_KEYS_AS_HALVES: True} if halves else {}
@@ -75,7 +74,8 @@ def _sharded_state(args, model_chunks, optimizer, *, loading: str | None, with_r
     """The sharded state to save (``loading=None``) or to load from checkpoint directory ``loading``."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    is_loading, model_metadata = loading is not None, _model_metadata(loading)
+    is_loading = loading is not None
+    model_metadata = _model_metadata(read_tensor_shapes(loading) if is_loading else None)
     models = {key: _unwrap(chunk).sharded_state_dict(metadata=model_metadata)
               for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
     metadata = {"distrib_optim_sharding_type": sharding_type}
@@ -124,6 +124,11 @@ def read_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
             metadata = dist_checkpointing.load_tensors_metadata(path)
     except Exception as err:
         raise _read_error(path, err) from err
+    return _global_shapes(metadata)
+
+
+def _global_shapes(metadata: dict) -> dict[str, tuple[int, ...]]:
+    """The global shape of each sharded tensor of a checkpoint's ``metadata`` (megatron's), by sharded key."""
     return {key: tuple(t.global_shape) for key, t in metadata.items() if hasattr(t, "global_shape")}
 
 
@@ -229,12 +234,12 @@ class DistFormat(CheckpointFormat):
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-        sharded = {"model": model.sharded_state_dict(metadata=_model_metadata(path))}
         try:
             with restricted_loading(f"checkpoint {path}"):
                 available = load_sharded_metadata(path)
         except Exception as err:
             raise _read_error(path, err) from err
+        sharded = {"model": model.sharded_state_dict(metadata=_model_metadata(_global_shapes(available)))}
         # Checked here rather than left to megatron, whose errors for a mismatch are obscure.
         requested = {v.key for v in nested_values(sharded) if hasattr(v, "key")}
         missing = sorted(requested - {v.key for v in available.values()})

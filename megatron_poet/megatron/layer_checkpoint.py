@@ -208,8 +208,9 @@ def sharded_poet_state_dict(module, prefix: str, sharded_offsets: tuple, metadat
         # MLP splits "weight"/"bias" of a gated linear_fc1 itself; the other sharded keys are ours. The buffers
         # are each one (2, rows, ...) tensor of the layer's own storage (megatron's writer would clone halves);
         # the skews keep megatron's factory, whose tensor is the parameter the optimizer state is mapped by.
-        whole = () if (metadata or {}).get(GATED_KEYS_AS_HALVES) else _gated_buffers(module)
-        for key in (*_gated_buffers(module), f"{side}.skew"):
+        buffers = _gated_buffers(module)
+        whole = () if (metadata or {}).get(GATED_KEYS_AS_HALVES) else buffers
+        for key in (*buffers, f"{side}.skew"):
             sharded[prefix + key] = compat.gated_sharded_tensor(sharded[prefix + key], sharded_offsets) \
                 if key in whole else compat.apply_swiglu_sharded_factory(
                     sharded[prefix + key], sharded_offsets, module.tp_group, metadata)
