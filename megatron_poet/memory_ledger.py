@@ -156,8 +156,8 @@ def computed_ledger(model: str | tuple, tp: int, dp: int, method: str, seq: int,
         trainable = skews + other
         copies = 2 if microbatches > 1 else 0 if recompute else 1  # fp32 blocks (d x b per side), their gradient
         blocks = copies * 4 * side_dims * block
-        if storage == "int8":  # one layer's A0 dequantized at a time: float32 intermediate and the bf16 copy
-            dequantized = 6 * max(i * o for i, o, _, _ in shapes) / tp
+        if storage == "int8":  # one layer's A0 dequantized at a time into bf16 (float32 only a row chunk at a time)
+            dequantized = 2 * max(i * o for i, o, _, _ in shapes) / tp
     tokens = seq * micro_batch
     kv = kv_heads * (h // heads)
     saved = saved_bytes_model(h, ffn, kv, layers, vocab, tokens, method, tp, 2, recompute=recompute, topk=topk)

@@ -199,3 +199,35 @@ def test_a_gated_a0_is_saved_from_its_own_storage_and_older_halves_still_load(tm
             for name in ("frozen_weight", "frozen_scale", "frozen_zero"):
                 assert torch.equal(getattr(theirs, name), getattr(ours, name)), name
             assert torch.equal(theirs.output_side.perm, ours.output_side.perm)
+
+
+def test_the_gemm_dequantizes_into_its_dtype_without_a_float32_copy():
+    """A bf16 GEMM on an 8-bit ``A0'`` allocates the bf16 ``A0'`` (2 bytes per entry), float32 temporaries of
+    one row chunk and its output, nothing more: a float32 ``A0'`` beside the bf16 one (6 bytes per entry, as
+    the ledger counted before) would exceed the bound by 4 MiB here. Measured from the CPU allocator's events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_poet.poet import a0_storage
+
+    d_out, d_in, tokens = 1024, 2048, 4
+    codes = torch.randint(0, 256, (d_out, d_in), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    scale, zero = torch.rand(d_out, d_in // 256) / 100, torch.full((d_out, d_in // 256), 128.0)
+    gemm = a0_storage.DequantizedGemm(scale, zero)
+    z = torch.randn(tokens, d_in).to(torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = gemm.forward(z, codes)
+    allowed = 2 * d_out * d_in + 4 * a0_storage._ROWS_ELEMENTS + out.numel() * out.element_size()
+    assert _memory_report().profiled_peak(prof) <= allowed + 64 * 1024  # 64 KiB: small index/view tensors
+    reference = (codes.double() - zero.repeat_interleave(256, 1)) * scale.repeat_interleave(256, 1)
+    assert torch.equal(gemm.dense(codes, torch.bfloat16), reference.to(torch.bfloat16))  # one rounding, from exact
+
+
+def _memory_report():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "memory_report.py")
+    spec = importlib.util.spec_from_file_location("memory_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

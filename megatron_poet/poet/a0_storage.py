@@ -5,9 +5,9 @@ row is cut into groups of ``group`` consecutive stored entries, and each group h
 scale ``s`` and zero point ``z`` (an integer in ``[0, 255]``, held as float32) with
 ``A0' ~= (q - z) s``. A group's range always includes 0 (so ``z`` is an exact code) and its
 min and max map to codes 0 and 255 up to half a step, so every entry is off by at most ``s / 2``
-(:func:`quantize_groups`). That is the only resident copy: a GEMM dequantizes the layer's ``A0'``
-when it runs (:class:`DequantizedGemm`), one layer at a time, and a merge dequantizes, folds in
-float64 (:mod:`.merge`) and quantizes the result once.
+(:func:`quantize_groups_`). That is the only resident copy: a GEMM dequantizes the layer's ``A0'``
+into its own dtype when it runs (:class:`DequantizedGemm`), one layer at a time, and a merge
+dequantizes, folds in float64 (:mod:`.merge`) and quantizes the result once.
 
 Groups run along the stored (permuted) input order, so they are contiguous in memory and the
 dequantization is one broadcast multiply. The tensor-parallel layers keep them independent of
@@ -65,19 +65,26 @@ def quantize_groups_(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Ten
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype,
                       rows: slice = slice(None)) -> torch.Tensor:
-    """``(q - z) s`` for ``codes[rows]``, in ``dtype`` (computed in float32): ``(rows, d_in)``."""
-    q = codes[rows]
-    groups = scale.shape[1]
-    x = q.to(torch.float32).view(q.shape[0], groups, -1)
-    x = x.sub_(zero[rows].unsqueeze(2)).mul_(scale[rows].unsqueeze(2))
-    return x.view(q.shape).to(dtype)
+    """``(q - z) s`` for ``codes[rows]``, in ``dtype``: ``(rows, d_in)``.
+
+    Computed in float32 row chunk by row chunk into the ``dtype`` result, so the only full-size tensor is
+    the result (bf16: 2 bytes per entry, not a float32 copy beside it).
+    """
+    q, s, z = codes[rows], scale[rows], zero[rows]
+    d_in, groups = q.shape[1], scale.shape[1]
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    for chunk in _row_chunks(q.shape[0], d_in):  # (one expression: a chunk's float32 rows die before the next's)
+        out[chunk] = (q[chunk].to(torch.float32).view(-1, groups, d_in // groups)
+                      .sub_(z[chunk].unsqueeze(2)).mul_(s[chunk].unsqueeze(2)).view(-1, d_in))
+    return out
 
 
 class DequantizedGemm:
     """The frozen GEMM of a layer storing ``A0'`` in 8 bits: dequantize, then the ordinary GEMM.
 
-    The dequantized ``A0'`` exists only during one call (forward, or the input gradient in backward);
-    nothing is cached, so the layer's resident ``A0`` stays at 1 byte per entry plus its scales.
+    The dequantized ``A0'`` (in the input's dtype, :func:`dequantize_groups`) exists only during one call
+    (forward, or the input gradient in backward); nothing is cached, so the layer's resident ``A0`` stays
+    at 1 byte per entry plus its scales.
     Plugs into :func:`megatron_poet.poet.functional.frozen_gemm` like the FP8 GEMM.
     """
 

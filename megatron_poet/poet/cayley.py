@@ -89,19 +89,45 @@ def packed_from_skew(q: torch.Tensor) -> torch.Tensor:
 def cayley_neumann_from_skew(q: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:
     """Orthogonal (or nearly orthogonal) blocks from skew blocks ``q`` ``(n, b, b)``.
 
-    ``neumann_terms=k >= 1`` evaluates ``(I + Q)(I + Q + ... + Q^k)`` by Horner's
-    rule (k+1 batched matmuls); ``neumann_terms=None`` is the exact Cayley
-    transform ``(I - Q)^-1 (I + Q)`` (the two factors commute), for reference.
+    ``neumann_terms=k >= 1`` evaluates ``(I + Q)(I + Q + ... + Q^k) = I + 2(Q + ... + Q^k) + Q^(k+1)``
+    as a polynomial in ``Q^2`` whose coefficients are ``a I + c Q``, by Horner's rule in ``Q^2``:
+    ``floor(k/2) + 1`` batched matmuls (k=3: ``(I + 2Q) + Q^2 (2I + 2Q + Q^2)``, 2) where Horner's rule
+    in ``Q`` takes ``k + 1``; the series' backward halves with it. ``neumann_terms=None`` is the exact
+    Cayley transform ``(I - Q)^-1 (I + Q)`` (the two factors commute), for reference.
     """
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
     if neumann_terms is None:
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
         return torch.linalg.solve(eye - q, eye + q)
     if neumann_terms < 1:
         raise ValueError(f"neumann_terms must be >= 1 (k=0 diverges in the paper), got {neumann_terms}")
-    series = eye + q  # I + Q, then Horner: I + Q(I + Q(...))
-    for _ in range(neumann_terms - 1):
-        series = torch.baddbmm(eye, q, series)
-    return series + torch.bmm(q, series)
+    coefficients = [1] + [2] * neumann_terms + [1]  # of Q^0 .. Q^(k+1)
+    pairs = [(coefficients[i], coefficients[i + 1] if i + 1 < len(coefficients) else 0)
+             for i in range(0, len(coefficients), 2)]  # (a, c): the coefficient a I + c Q of (Q^2)^j
+    q2 = torch.bmm(q, q)
+    top_a, top_c = pairs.pop()
+    if top_c:
+        series = _PlusIdentity.apply(q * top_c, top_a)
+    else:  # the top coefficient is a multiple of I: fold it into the next one without a matmul
+        a, c = pairs.pop()
+        series = _PlusIdentity.apply(torch.add(q2 * top_a if top_a != 1 else q2, q, alpha=c), a)
+    for a, c in reversed(pairs):
+        series = torch.baddbmm(_PlusIdentity.apply(q * c, a), q2, series)
+    return series
+
+
+class _PlusIdentity(torch.autograd.Function):
+    """``x + a I`` for a fresh batch ``x`` ``(n, b, b)``, in place on its diagonals; the gradient passes
+    through unchanged (a broadcast add or autograd's in-place bookkeeping would each cost a pass)."""
+
+    @staticmethod
+    def forward(ctx, x, a):
+        ctx.mark_dirty(x)
+        x.diagonal(dim1=1, dim2=2).add_(a)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def cayley_neumann(packed: torch.Tensor, block_size: int, neumann_terms: int | None) -> torch.Tensor:
