@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from megatron_poet import POETLinear
 from megatron_poet.poet.cayley import skew_from_packed
-from megatron_poet.poet.functional import poet_linear, rotate_output
+from megatron_poet.poet.functional import poet_linear, recomputed_poet_linear, rotate_output
 from megatron_poet.poet.side import begin_step
 
 VARIANTS = [("bs", 4), ("fs", 6)]  # (variant, block size) for a 12 -> 8 layer
@@ -119,6 +119,39 @@ def test_gradcheck_output_side_saving_its_output(variant, block_size):
     skew = layer.output_side.skew.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda h, s: rotate_output(h, layer.output_side, save_output=True, skew=s), (h, skew))
+
+
+@pytest.mark.parametrize("variant,block_size", VARIANTS)
+def test_mem_mode_saving_its_output_has_the_same_gradients_without_recomputing_the_gemm(variant, block_size):
+    """``recomputed_poet_linear(save_output=True)`` (the bias-free column-parallel layers in "mem" mode): exact
+    gradients (gradcheck, float64), and its backward runs the frozen GEMM's input gradient only — the forward
+    GEMM runs once, in forward (twice without ``save_output``: the recomputation)."""
+    layer = make_layer(variant, block_size, mode="mem")
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    skews = [p.detach().clone().requires_grad_() for p in layer.poet_parameters()]
+
+    def fn(x, s_in, s_out, gemm=None):
+        return recomputed_poet_linear(x, layer.frozen_weight, layer.input_side, layer.output_side, gemm=gemm,
+                                      input_skew=s_in, output_skew=s_out, save_output=True)
+
+    assert torch.autograd.gradcheck(fn, (x, *skews))
+
+    class CountingGemm:
+        def __init__(self):
+            self.forwards = 0
+
+        def forward(self, z, w):
+            self.forwards += 1
+            return F.linear(z, w)
+
+        def input_grad(self, grad_h, w):
+            return grad_h @ w
+
+    for save_output, forwards in ((True, 1), (False, 2)):
+        gemm = CountingGemm()
+        recomputed_poet_linear(x, layer.frozen_weight, layer.input_side, layer.output_side, gemm=gemm,
+                               input_skew=skews[0], output_skew=skews[1], save_output=save_output).sum().backward()
+        assert gemm.forwards == forwards
 
 
 @pytest.mark.parametrize("variant,block_size", VARIANTS)

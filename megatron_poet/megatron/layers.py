@@ -336,17 +336,18 @@ class POETColumnParallelLinear(_POETParallelLinear):
         if weight is not None:
             raise ValueError(f"POET layer {self.name!r}: an external weight cannot be used with POET")
         self._check_ready(input_, self.input_size)
+        # Without a bias the consumer (attention, SwiGLU) keeps y anyway: saving it costs nothing (and in "mem"
+        # mode spares the backward the recomputed rotation, all-gather and GEMM).
         if self._recompute():
             comm = _ReplicatedInputComm(self.tp_group, self.sequence_parallel) if self.tp_comm else None
             y = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, comm=comm,
-                                       gemm=self.frozen_gemm())
+                                       gemm=self.frozen_gemm(), save_output=self.bias is None)
         else:
             z = rotate_input(input_, self.input_side)
             if self.sequence_parallel:
                 z = compat.gather_from_sequence_parallel_region(z, group=self.tp_group)
             elif self.tp_comm:
                 z = _ContiguousGrad.apply(compat.copy_to_tensor_model_parallel_region(z, group=self.tp_group))
-            # Without a bias the consumer (attention, SwiGLU) keeps y anyway: saving it costs nothing.
             y = rotate_output(frozen_linear(z, self.frozen_weight, self.frozen_gemm()), self.output_side,
                               save_output=self.bias is None)
         y, bias = self._bias_output(y)

@@ -11,7 +11,8 @@ The pieces are separate so the tensor-parallel layers can put communication betw
   dequantizing GEMM of an 8-bit ``A0'``: an object with ``forward`` and ``input_grad``);
 - :func:`rotate_output` (``y = Pi_out^T BD(G_P) h``) saves ``h``, or its own output ``y``
   (``save_output=True``: free when the next op keeps ``y`` anyway, as attention and SwiGLU do);
-- :func:`recomputed_poet_linear` ("mem" mode) saves only ``x`` and recomputes the rest in backward.
+- :func:`recomputed_poet_linear` ("mem" mode) saves only ``x`` and recomputes the rest in backward
+  (with ``save_output`` it keeps ``y`` as well and recomputes no GEMM).
 
 Each function takes the blocks ``G`` (:meth:`OrthogonalSide.forward_blocks
 <megatron_poet.poet.side.OrthogonalSide.forward_blocks>`) and returns their gradient; within an
@@ -105,36 +106,43 @@ class _RotateOutput(torch.autograd.Function):
 
 class _RecomputedPOETLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out, inv_out, sides, comm, gemm):
+    def forward(ctx, x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out, inv_out, sides, comm, gemm,
+                save_output):
         in_side, out_side = sides
         z, _ = input_rotation(x, perm_in, blocks_in.to(x.dtype), in_side.segment)
         h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, gemm)
+        y = h if out_side is None else output_rotation(h, blocks_out.to(h.dtype), perm_out, out_side.segment, inv_out)
         ctx.sides, ctx.comm, ctx.gemm = sides, comm, gemm
-        ctx.save_for_backward(x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out)
-        if out_side is None:
-            return h
-        return output_rotation(h, blocks_out.to(h.dtype), perm_out, out_side.segment, inv_out)
+        ctx.save_output = save_output and out_side is not None
+        ctx.save_for_backward(x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out,
+                              y if ctx.save_output else None)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out = ctx.saved_tensors
+        x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out, y = ctx.saved_tensors
         (in_side, out_side), comm = ctx.sides, ctx.comm
         needs = ctx.needs_input_grad
         g_r = blocks_in.to(x.dtype)
-        z, x_perm = input_rotation(x, perm_in, g_r, in_side.segment)
-        grad_h, grad_out = grad_y, None
-        if out_side is not None:
+        grad_h, grad_out, x_perm = grad_y, None, None
+        if ctx.save_output:  # P's block gradient from y: neither the rotation nor the GEMM is recomputed
+            used = blocks_out.to(x.dtype)
+            grad_h, outer = output_side_grads(grad_y, used, perm_out, out_side.segment, y=y)
+            grad_out = _block_grad(_through_inverse(outer, used), blocks_out, needs[5])
+        elif out_side is not None:
+            z, x_perm = input_rotation(x, perm_in, g_r, in_side.segment)
             h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, ctx.gemm)
+            del z
             grad_h, grad_p = output_side_grads(grad_y, blocks_out.to(x.dtype), perm_out, out_side.segment, h=h)
             del h
             grad_out = _block_grad(grad_p, blocks_out, needs[5])
         grad_z = frozen_gemm_input_grad(grad_h, frozen_weight, ctx.gemm)
         if comm:
             grad_z = comm.backward(grad_z)
-        del z
         grad_x, grad_r = input_side_grads(grad_z, g_r, perm_in, in_side.segment, x=x, x_perm=x_perm,
                                           inv_perm=inv_in, need_input_grad=needs[0])
-        return grad_x, None, _block_grad(grad_r, blocks_in, needs[2]), None, None, grad_out, None, None, None, None, None
+        return (grad_x, None, _block_grad(grad_r, blocks_in, needs[2]), None, None, grad_out,
+                None, None, None, None, None, None)
 
 
 def _profiled(name: str):
@@ -179,19 +187,22 @@ def rotate_output(h: torch.Tensor, side: OrthogonalSide, *, save_output: bool = 
 def recomputed_poet_linear(
     x: torch.Tensor, frozen_weight: torch.Tensor, input_side: OrthogonalSide, output_side: OrthogonalSide | None,
     *, comm=None, input_skew: torch.Tensor | None = None, output_skew: torch.Tensor | None = None, gemm=None,
+    save_output: bool = False,
 ) -> torch.Tensor:
     """"mem" mode: ``P A0' R x`` (or ``A0' R x`` without ``output_side``), saving only ``x``.
 
     ``comm`` (optional) sits between ``R`` and the GEMM: ``comm.forward(z)`` in forward (and
     again in the backward recomputation), ``comm.backward(grad)`` on the GEMM's input gradient
     (the tensor-parallel layers pass their copy/all-gather here). ``gemm``: as :func:`frozen_linear`.
-    Shapes ``(..., d_in) -> (..., d_out)``.
+    ``save_output``: save ``y`` too, and take ``P``'s block gradient from it (as :func:`rotate_output`
+    does) instead of recomputing ``R``, the communication and the GEMM; free where the next op keeps
+    ``y`` anyway (attention, SwiGLU). Shapes ``(..., d_in) -> (..., d_out)``.
     """
     blocks_out = None if output_side is None else output_side.forward_blocks(output_skew)
     out_perms = (None, None) if output_side is None else (output_side.perm, output_side.inv_perm)
     return _RecomputedPOETLinear.apply(
         x, frozen_weight, input_side.forward_blocks(input_skew), input_side.perm, input_side.inv_perm,
-        blocks_out, *out_perms, (input_side, output_side), comm, gemm,
+        blocks_out, *out_perms, (input_side, output_side), comm, gemm, save_output,
     )
 
 
