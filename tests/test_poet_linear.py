@@ -291,3 +291,48 @@ def test_blocks_once_per_step_give_the_per_micro_batch_gradients(mode, variant, 
     assert per_micro_batch_calls == 2 * 2 * len(xs)  # each side: forward + backward, every micro-batch
     assert len(calls) == 2 * 2  # each side: built once, differentiated once, per step
     assert layer.input_side._step_blocks is None  # the step closed after its last backward pass
+
+
+@pytest.mark.parametrize("mode", ["fast", "mem"])
+def test_a_side_taking_its_gradient_from_outputs_solves_once_per_step(mode):
+    """The bias-free column-parallel layers save ``y`` and mark ``P`` ``gradient_from_output``: in a step each
+    micro-batch hands ``P`` ``dL/dG G^T`` and the side applies ``G^-T`` once, to the sum, after the last pass.
+    The gradients equal those of blocks built and differentiated per micro-batch (each solving its own; float64,
+    the same linear maps summed in another order: 1e-12), with one solve per step instead of one per micro-batch.
+    Rotating such a side without saving ``y`` inside a step is refused (it would mix the two kinds of gradient)."""
+    from megatron_poet.poet.functional import frozen_linear, rotate_input
+
+    layer = make_layer(mode=mode, bias=False)
+    layer.output_side.gradient_from_output = True
+    xs = [torch.randn(4, 12, dtype=torch.float64) for _ in range(3)]
+
+    def forward(x, save_output=True):
+        if mode == "mem":
+            return recomputed_poet_linear(x, layer.frozen_weight, layer.input_side, layer.output_side,
+                                          save_output=save_output)
+        h = frozen_linear(rotate_input(x, layer.input_side), layer.frozen_weight)
+        return rotate_output(h, layer.output_side, save_output=save_output)
+
+    solves = []
+    solve = torch.linalg.solve_ex
+
+    def grads(per_step: bool):
+        layer.zero_grad()
+        if per_step:
+            begin_step(layer, len(xs))
+        solves.clear()
+        torch.linalg.solve_ex = lambda *a, **k: solves.append(1) or solve(*a, **k)
+        try:
+            for x in xs:
+                (forward(x) ** 2).sum().backward()
+        finally:
+            torch.linalg.solve_ex = solve
+        return [p.grad.clone() for p in layer.parameters() if p.requires_grad], len(solves)
+
+    (per_micro_batch, micro_batch_solves), (per_step, step_solves) = grads(False), grads(True)
+    for got, want in zip(per_step, per_micro_batch):
+        assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    assert (micro_batch_solves, step_solves) == (len(xs), 1)
+    begin_step(layer, 1)
+    with pytest.raises(RuntimeError, match="gradient_from_output"):
+        forward(xs[0], save_output=False)

@@ -15,6 +15,7 @@ embeddings, loss). Prints Markdown tables::
     python tools/benchmark_training.py --micro-batches 1 4 8 --repeats 3
     python tools/benchmark_training.py --methods fast adamw -- --bf16   # flags after -- go to every run
     python tools/benchmark_training.py --methods fast fast-batched adamw -- --num-experts 8 --moe-ffn-hidden-size 1536
+    python tools/benchmark_training.py --methods fast fast-compiled adamw adamw-compiled   # eager vs --compile
 
 Defaults: Llama-style hidden 2048, 4 layers, ffn 5632, 16 heads, seq 512, vocabulary 8192 (mock
 data), micro-batch 1, POET block 256, fp32, 1 rank. Not a test: minutes per run at these shapes.
@@ -43,6 +44,7 @@ METHODS = {"adamw": ["--no-poet"], "fast": ["--poet-mode", "fast"], "mem": ["--p
            # mixture of experts (with -- --num-experts N ...): POET experts computed batched, not one by one
            "fast-batched": ["--poet-mode", "fast", "--moe-grouped-gemm"],
            "mem-batched": ["--poet-mode", "mem", "--moe-grouped-gemm"]}
+METHODS.update({f"{name}-compiled": [*flags, "--compile"] for name, flags in list(METHODS.items())})  # --compile
 ITERATION_MS = re.compile(r"elapsed time per iteration \(ms\): ([\d.]+)")
 TOKENS = re.compile(r"tokens/s/GPU: ([\d.]+)")
 SETUP = re.compile(r"^ set-up ([\d.]+) s: (.*)$", re.M)

@@ -331,6 +331,7 @@ class POETColumnParallelLinear(_POETParallelLinear):
         if gather_output and self.sequence_parallel:
             raise ValueError(f"POET layer {self.name!r}: gather_output is incompatible with sequence parallelism")
         self.gather_output = gather_output
+        self.output_side.gradient_from_output = self.bias is None  # forward saves y (defers P's G^-T to the step)
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output: bool | None = None):
         if weight is not None:

@@ -84,6 +84,7 @@ class POETBatchedExperts(SequentialMLP):
             stacked = torch.stack([layer.frozen_weight.detach() for layer in layers])
             for index, layer in enumerate(layers):
                 layer.frozen_weight.data = stacked[index]
+                layer.output_side.gradient_from_output = False  # autograd gives dL/dG here, not dL/dG G^T
             # (no reference kept here: the experts' parameters are the state, and freeing them frees it)
 
     @staticmethod

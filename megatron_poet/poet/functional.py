@@ -30,7 +30,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .rotation import input_rotation, input_side_grads, output_rotation, output_side_grads
+from .rotation import input_rotation, input_side_grads, output_rotation, output_side_grads, times_inverse_transpose
 from .side import OrthogonalSide
 
 
@@ -43,13 +43,6 @@ def frozen_gemm(z: torch.Tensor, frozen_weight: torch.Tensor, gemm=None) -> torc
 def frozen_gemm_input_grad(grad_h: torch.Tensor, frozen_weight: torch.Tensor, gemm=None) -> torch.Tensor:
     """``dL/dz = dL/dh A0'``: ``(..., d_out) -> (..., d_in)`` (there is no weight gradient); through ``gemm`` when given."""
     return torch.matmul(grad_h, frozen_weight) if gemm is None else gemm.input_grad(grad_h, frozen_weight)
-
-
-def _through_inverse(outer: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-    """``outer G^{-T}`` per block (float32 or wider); no host synchronization (no error check: ``G`` is
-    close to orthogonal whenever the series converges)."""
-    g = used.to(outer.dtype)
-    return torch.linalg.solve_ex(g, outer.transpose(1, 2), check_errors=False)[0].transpose(1, 2)
 
 
 class _RotateInput(torch.autograd.Function):
@@ -88,9 +81,9 @@ class _FrozenLinear(torch.autograd.Function):
 
 class _RotateOutput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, blocks, perm, inv_perm, side, save_output):
+    def forward(ctx, h, blocks, perm, inv_perm, side, save_output, deferred):
         y = output_rotation(h, blocks.to(h.dtype), perm, side.segment, inv_perm)
-        ctx.side, ctx.save_output = side, save_output
+        ctx.side, ctx.save_output, ctx.deferred = side, save_output, deferred
         ctx.save_for_backward(y if save_output else h, blocks, perm)
         return y
 
@@ -100,20 +93,20 @@ class _RotateOutput(torch.autograd.Function):
         used = blocks.to(kept.dtype)
         which = {"y": kept} if ctx.save_output else {"h": kept}
         grad_h, outer = output_side_grads(grad_y, used, perm, ctx.side.segment, **which)
-        grad_blocks = _through_inverse(outer, used) if ctx.save_output else outer
-        return grad_h, _block_grad(grad_blocks, blocks, ctx.needs_input_grad[1]), None, None, None, None
+        grad_blocks = times_inverse_transpose(outer, used) if ctx.save_output and not ctx.deferred else outer
+        return grad_h, _block_grad(grad_blocks, blocks, ctx.needs_input_grad[1]), None, None, None, None, None
 
 
 class _RecomputedPOETLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out, inv_out, sides, comm, gemm,
-                save_output):
+                save_output, deferred):
         in_side, out_side = sides
         z, _ = input_rotation(x, perm_in, blocks_in.to(x.dtype), in_side.segment)
         h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, gemm)
         y = h if out_side is None else output_rotation(h, blocks_out.to(h.dtype), perm_out, out_side.segment, inv_out)
         ctx.sides, ctx.comm, ctx.gemm = sides, comm, gemm
-        ctx.save_output = save_output and out_side is not None
+        ctx.save_output, ctx.deferred = save_output and out_side is not None, deferred
         ctx.save_for_backward(x, frozen_weight, blocks_in, perm_in, inv_in, blocks_out, perm_out,
                               y if ctx.save_output else None)
         return y
@@ -128,7 +121,7 @@ class _RecomputedPOETLinear(torch.autograd.Function):
         if ctx.save_output:  # P's block gradient from y: neither the rotation nor the GEMM is recomputed
             used = blocks_out.to(x.dtype)
             grad_h, outer = output_side_grads(grad_y, used, perm_out, out_side.segment, y=y)
-            grad_out = _block_grad(_through_inverse(outer, used), blocks_out, needs[5])
+            grad_out = _block_grad(outer if ctx.deferred else times_inverse_transpose(outer, used), blocks_out, needs[5])
         elif out_side is not None:
             z, x_perm = input_rotation(x, perm_in, g_r, in_side.segment)
             h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, ctx.gemm)
@@ -142,7 +135,17 @@ class _RecomputedPOETLinear(torch.autograd.Function):
         grad_x, grad_r = input_side_grads(grad_z, g_r, perm_in, in_side.segment, x=x, x_perm=x_perm,
                                           inv_perm=inv_in, need_input_grad=needs[0])
         return (grad_x, None, _block_grad(grad_r, blocks_in, needs[2]), None, None, grad_out,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
+
+
+def _deferred_inverse(side: OrthogonalSide, skew: torch.Tensor | None, save_output: bool) -> bool:
+    """Whether this rotation hands ``side`` ``dL/dG G^T`` (:meth:`OrthogonalSide.defers_inverse`)."""
+    deferred = side.defers_inverse(skew)
+    if deferred and not save_output:
+        raise RuntimeError(f"{side!r} is marked gradient_from_output, so every rotation of it in a step must save "
+                           "its output (save_output=True): a block gradient taken from h would be mixed with ones "
+                           "still to be multiplied by G^-T")
+    return deferred
 
 
 def _profiled(name: str):
@@ -180,7 +183,8 @@ def frozen_linear(z: torch.Tensor, frozen_weight: torch.Tensor, gemm=None) -> to
 def rotate_output(h: torch.Tensor, side: OrthogonalSide, *, save_output: bool = False,
                   skew: torch.Tensor | None = None) -> torch.Tensor:
     """``y = Pi^T BD(G_P) h`` ``(..., d) -> (..., d)``; saves ``h``, or ``y`` with ``save_output``."""
-    return _RotateOutput.apply(h, side.forward_blocks(skew), side.perm, side.inv_perm, side, save_output)
+    return _RotateOutput.apply(h, side.forward_blocks(skew), side.perm, side.inv_perm, side, save_output,
+                               _deferred_inverse(side, skew, save_output))
 
 
 @_profiled("poet::recomputed_linear")
@@ -203,6 +207,7 @@ def recomputed_poet_linear(
     return _RecomputedPOETLinear.apply(
         x, frozen_weight, input_side.forward_blocks(input_skew), input_side.perm, input_side.inv_perm,
         blocks_out, *out_perms, (input_side, output_side), comm, gemm, save_output,
+        output_side is not None and _deferred_inverse(output_side, output_skew, save_output),
     )
 
 

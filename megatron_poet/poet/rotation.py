@@ -151,6 +151,14 @@ def output_side_grads(
     return grad_h.view(grad_y.shape), outer
 
 
+def times_inverse_transpose(outer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``outer G^{-T}`` per block ``(n, b, b)``, in ``outer``'s dtype (float32 or wider): the block gradient
+    from :func:`output_side_grads`' ``y`` form. No host synchronization (no error check: ``G`` is close to
+    orthogonal, so well conditioned, whenever the Neumann series converges)."""
+    g = blocks.to(outer.dtype)
+    return torch.linalg.solve_ex(g, outer.transpose(1, 2), check_errors=False)[0].transpose(1, 2)
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """``inv`` with ``inv[perm[i]] = i``."""
     inv = torch.empty_like(perm)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .cayley import cayley_neumann, num_skew_params, orthogonality_error
 from .config import POETConfig
-from .rotation import inverse_permutation
+from .rotation import inverse_permutation, times_inverse_transpose
 
 
 class CayleyNeumannBlocks(torch.autograd.Function):
@@ -87,6 +87,8 @@ class OrthogonalSide(nn.Module):
         self._step_blocks: torch.Tensor | None = None  # the open step's blocks, a leaf (None: no step open)
         self._step_passes = 0  # backward passes the open step expects
         self._passes_seen = 0
+        # Set by a layer whose every rotation of this side saves its output (see defers_inverse).
+        self.gradient_from_output = False
 
     def draw_permutation(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A uniformly random permutation of ``range(dim)`` (drawn on the CPU for reproducibility)."""
@@ -127,6 +129,15 @@ class OrthogonalSide(nn.Module):
         with torch.no_grad():
             return self.build_blocks(self.skew)
 
+    def defers_inverse(self, skew: torch.Tensor | None = None) -> bool:
+        """Whether a rotation that saves its output (``y``) hands this side ``dL/dG G^T`` instead of ``dL/dG``.
+
+        True in an open step, on this side's own parameters, when its layer marked it ``gradient_from_output``.
+        ``G^{-T}`` is linear and the step's blocks are one tensor, so the side applies it once, to the sum over
+        the step's micro-batches, after the last pass: one batched solve per step instead of one per micro-batch.
+        """
+        return self.gradient_from_output and self._step_blocks is not None and (skew is None or skew is self.skew)
+
     def begin_step(self, backward_passes: int) -> None:
         """Open an optimizer step of ``backward_passes`` backward passes (micro-batches): its blocks are
         built now, once (a leaf that a compiled forward takes as an input); after the last pass, ``skew``
@@ -145,6 +156,8 @@ class OrthogonalSide(nn.Module):
         if self._passes_seen < self._step_passes:
             return
         grad, blocks.grad = blocks.grad, None
+        if self.gradient_from_output:  # the passes delivered dL/dG G^T (defers_inverse)
+            grad = times_inverse_transpose(grad, blocks.detach())
         self._step_blocks = None  # the step's forward passes are over
         with torch.profiler.record_function("poet::cayley_neumann_backward"):
             with torch.enable_grad():  # (backward runs without grad mode) one pass through the series
