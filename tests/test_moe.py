@@ -124,7 +124,11 @@ def test_poet_moe_layer_matches_float64_dense_reference(megatron_process, mode, 
 @pytest.mark.parametrize("mode", ["fast", "mem"])
 def test_batched_experts_equal_sequential_ones_even_without_tokens(megatron_process, mode):
     """An expert that gets no token still takes part (its factors get a zero gradient, so a step's block
-    gradients are complete), and the batched experts give the sequential ones' outputs and gradients."""
+    gradients are complete), and the batched experts give the sequential ones' outputs and gradients, over a
+    step of two passes (the sequential fc1s hand their output side dL/dG G^T, solved once at the step's end;
+    the batched ones autograd's dL/dG)."""
+    from megatron_poet.poet.side import begin_step
+
     counts = torch.tensor([3, 0, 4, 1])
     x = torch.randn(int(counts.sum()), HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     probs = torch.rand(x.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -134,8 +138,10 @@ def test_batched_experts_equal_sequential_ones_even_without_tokens(megatron_proc
         storages = {e.linear_fc1.frozen_weight.untyped_storage().data_ptr() for e in experts.local_experts}
         assert len(storages) == (1 if batched else len(experts.local_experts))  # batched: views of one A0, no copy
         xi = x.clone().requires_grad_()
-        out, _ = experts(xi, counts, probs)
-        out.sum().backward()
+        begin_step(experts, 2)
+        for _ in range(2):
+            out, _ = experts(xi, counts, probs)
+            out.sum().backward()
         grads = {name: p.grad for name, p in experts.named_parameters() if p.requires_grad}
         assert all(g is not None for g in grads.values())
         results.append((out, xi.grad, grads))

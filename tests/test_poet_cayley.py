@@ -34,6 +34,13 @@ def test_neumann_polynomial_matches_explicit_formula(k):
     assert torch.allclose(cayley_neumann(packed_from_skew(q), 8, k), expected, atol=1e-14, rtol=0)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_the_polynomial_differentiates_exactly(k):
+    """gradcheck (float64) through both branches of the evaluation (odd k folds the top coefficient)."""
+    packed = random_packed(2, 5, 0.3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: cayley_neumann(p, 5, k), (packed,))
+
+
 def test_k3_is_the_papers_polynomial():
     q = skew_from_packed(random_packed(2, 6, 0.2), 6)
     eye = torch.eye(6, dtype=torch.float64)

@@ -107,9 +107,9 @@ def cayley_neumann_from_skew(q: torch.Tensor, neumann_terms: int | None) -> torc
     top_a, top_c = pairs.pop()
     if top_c:
         series = _PlusIdentity.apply(q * top_c, top_a)
-    else:  # the top coefficient is a multiple of I: fold it into the next one without a matmul
+    else:  # the top coefficient is I (Q^(k+1)'s is 1): fold it into the next one without a matmul
         a, c = pairs.pop()
-        series = _PlusIdentity.apply(torch.add(q2 * top_a if top_a != 1 else q2, q, alpha=c), a)
+        series = _PlusIdentity.apply(torch.add(q2, q, alpha=c), a)
     for a, c in reversed(pairs):
         series = torch.baddbmm(_PlusIdentity.apply(q * c, a), q2, series)
     return series

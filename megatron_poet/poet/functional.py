@@ -138,13 +138,17 @@ class _RecomputedPOETLinear(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def _deferred_inverse(side: OrthogonalSide, skew: torch.Tensor | None, save_output: bool) -> bool:
-    """Whether this rotation hands ``side`` ``dL/dG G^T`` (:meth:`OrthogonalSide.defers_inverse`)."""
+def _deferred_inverse(side: OrthogonalSide, skew: torch.Tensor | None, save_output: bool, dtype: torch.dtype) -> bool:
+    """Whether this rotation (of activations in ``dtype``) hands ``side`` ``dL/dG G^T``
+    (:meth:`OrthogonalSide.defers_inverse`); the side then solves with its blocks rounded to its parameters' dtype."""
     deferred = side.defers_inverse(skew)
     if deferred and not save_output:
         raise RuntimeError(f"{side!r} is marked gradient_from_output, so every rotation of it in a step must save "
                            "its output (save_output=True): a block gradient taken from h would be mixed with ones "
                            "still to be multiplied by G^-T")
+    if deferred and dtype != side.skew.dtype:
+        raise RuntimeError(f"{side!r} is marked gradient_from_output: its rotations must run in its parameters' "
+                           f"dtype {side.skew.dtype} (the G its step's solve uses), got {dtype}")
     return deferred
 
 
@@ -184,7 +188,7 @@ def rotate_output(h: torch.Tensor, side: OrthogonalSide, *, save_output: bool = 
                   skew: torch.Tensor | None = None) -> torch.Tensor:
     """``y = Pi^T BD(G_P) h`` ``(..., d) -> (..., d)``; saves ``h``, or ``y`` with ``save_output``."""
     return _RotateOutput.apply(h, side.forward_blocks(skew), side.perm, side.inv_perm, side, save_output,
-                               _deferred_inverse(side, skew, save_output))
+                               _deferred_inverse(side, skew, save_output, h.dtype))
 
 
 @_profiled("poet::recomputed_linear")
@@ -207,7 +211,7 @@ def recomputed_poet_linear(
     return _RecomputedPOETLinear.apply(
         x, frozen_weight, input_side.forward_blocks(input_skew), input_side.perm, input_side.inv_perm,
         blocks_out, *out_perms, (input_side, output_side), comm, gemm, save_output,
-        output_side is not None and _deferred_inverse(output_side, output_skew, save_output),
+        output_side is not None and _deferred_inverse(output_side, output_skew, save_output, x.dtype),
     )
 
 

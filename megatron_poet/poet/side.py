@@ -156,8 +156,8 @@ class OrthogonalSide(nn.Module):
         if self._passes_seen < self._step_passes:
             return
         grad, blocks.grad = blocks.grad, None
-        if self.gradient_from_output:  # the passes delivered dL/dG G^T (defers_inverse)
-            grad = times_inverse_transpose(grad, blocks.detach())
+        if self.gradient_from_output:  # the passes delivered dL/dG G^T (defers_inverse), with G rounded as they
+            grad = times_inverse_transpose(grad, blocks.detach().to(self.skew.dtype))  # rotated: the params' dtype
         self._step_blocks = None  # the step's forward passes are over
         with torch.profiler.record_function("poet::cayley_neumann_backward"):
             with torch.enable_grad():  # (backward runs without grad mode) one pass through the series
