@@ -4,6 +4,7 @@ import torch
 
 from megatron_poet.poet.cayley import (
     cayley_neumann,
+    cayley_neumann_vjp,
     num_skew_params,
     orthogonality_error,
     packed_from_skew,
@@ -39,6 +40,16 @@ def test_the_polynomial_differentiates_exactly(k):
     """gradcheck (float64) through both branches of the evaluation (odd k folds the top coefficient)."""
     packed = random_packed(2, 5, 0.3).requires_grad_()
     assert torch.autograd.gradcheck(lambda p: cayley_neumann(p, 5, k), (packed,))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, None])
+def test_the_hand_written_vjp_is_autograds(k):
+    """``cayley_neumann_vjp`` (the series differentiated without its graph) against autograd, float64."""
+    packed = random_packed(3, 7, 0.2)
+    grad = torch.randn(3, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    leaf = packed.clone().requires_grad_()
+    (want,) = torch.autograd.grad(cayley_neumann(leaf, 7, k), leaf, grad)
+    assert torch.allclose(cayley_neumann_vjp(packed, 7, k, grad), want, atol=1e-13, rtol=0)
 
 
 def test_k3_is_the_papers_polynomial():

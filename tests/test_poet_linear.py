@@ -277,19 +277,22 @@ def test_blocks_once_per_step_give_the_per_micro_batch_gradients(mode, variant, 
             (layer(x) ** 2).sum().backward()
         return [p.grad.clone() for p in layer.parameters() if p.requires_grad]
 
-    calls = []
-    build = side_module.OrthogonalSide.build_blocks
-    side_module.OrthogonalSide.build_blocks = lambda self, *a, **k: calls.append(1) or build(self, *a, **k)
+    calls = []  # ("build" or "differentiate") per call of the series
+    cls = side_module.OrthogonalSide
+    build, differentiate = cls.build_blocks, cls.skew_gradient
+    cls.build_blocks = lambda self, *a, **k: calls.append("build") or build(self, *a, **k)
+    cls.skew_gradient = lambda self, *a, **k: calls.append("differentiate") or differentiate(self, *a, **k)
     try:
         per_micro_batch = grads(False)
-        per_micro_batch_calls, calls[:] = len(calls), []
+        per_micro_batch_calls, calls[:] = sorted(calls), []
         per_step = grads(True)
     finally:
-        side_module.OrthogonalSide.build_blocks = build
+        cls.build_blocks, cls.skew_gradient = build, differentiate
     for got, want in zip(per_step, per_micro_batch):
         assert torch.allclose(got, want, atol=1e-12, rtol=0)
-    assert per_micro_batch_calls == 2 * 2 * len(xs)  # each side: forward + backward, every micro-batch
-    assert len(calls) == 2 * 2  # each side: built once, differentiated once, per step
+    # each side: built and differentiated in every micro-batch; once per step (no rebuild to differentiate)
+    assert per_micro_batch_calls == ["build"] * 2 * len(xs) + ["differentiate"] * 2 * len(xs)
+    assert sorted(calls) == ["build", "build", "differentiate", "differentiate"]
     assert layer.input_side._step_blocks is None  # the step closed after its last backward pass
 
 

@@ -100,9 +100,7 @@ def cayley_neumann_from_skew(q: torch.Tensor, neumann_terms: int | None) -> torc
         return torch.linalg.solve(eye - q, eye + q)
     if neumann_terms < 1:
         raise ValueError(f"neumann_terms must be >= 1 (k=0 diverges in the paper), got {neumann_terms}")
-    coefficients = [1] + [2] * neumann_terms + [1]  # of Q^0 .. Q^(k+1)
-    pairs = [(coefficients[i], coefficients[i + 1] if i + 1 < len(coefficients) else 0)
-             for i in range(0, len(coefficients), 2)]  # (a, c): the coefficient a I + c Q of (Q^2)^j
+    pairs = _neumann_pairs(neumann_terms)
     q2 = torch.bmm(q, q)
     top_a, top_c = pairs.pop()
     if top_c:
@@ -113,6 +111,65 @@ def cayley_neumann_from_skew(q: torch.Tensor, neumann_terms: int | None) -> torc
     for a, c in reversed(pairs):
         series = torch.baddbmm(_PlusIdentity.apply(q * c, a), q2, series)
     return series
+
+
+def _neumann_pairs(neumann_terms: int) -> list[tuple[int, int]]:
+    """``(a, c)`` per power of ``Q^2``: ``G_k = sum_j (a_j I + c_j Q) (Q^2)^j``."""
+    coefficients = [1] + [2] * neumann_terms + [1]  # of Q^0 .. Q^(k+1)
+    return [(coefficients[i], coefficients[i + 1] if i + 1 < len(coefficients) else 0)
+            for i in range(0, len(coefficients), 2)]
+
+
+def cayley_neumann_vjp(packed: torch.Tensor, block_size: int, neumann_terms: int | None,
+                       grad_blocks: torch.Tensor) -> torch.Tensor:
+    """``dL/dpacked`` ``(n, b(b-1)/2)`` of ``G = cayley_neumann(packed)`` given ``dL/dG`` ``(n, b, b)``, without
+    building ``G``'s graph (no gradient mode needed; ``packed``'s dtype).
+
+    For the polynomial in ``Q^2`` (:func:`cayley_neumann_from_skew`): the Horner steps
+    ``S' = (a I + c Q) + Q^2 S`` backwards (``dQ += c dS'``, ``dQ^2 += dS' S^T``, ``dS = Q^2 dS'``; ``Q^2`` is
+    symmetric), then ``Q^2 = Q Q``: only the skew part of ``dQ`` reaches ``packed``, and for a symmetric
+    ``M = (dQ^2 + dQ^2^T)/2`` that part of ``dQ^2 Q^T + Q^T dQ^2`` is the one of ``(M Q)^T - M Q``: one matmul.
+    k=3: 4 matmuls, where autograd rebuilds the series (2) and differentiates it (4). CUDA float32 blocks
+    of a supported size use the fused Triton kernel; the exact Cayley transform goes through autograd.
+    """
+    if _kernels.cayley_neumann_supported(packed, block_size, neumann_terms):
+        from megatron_poet.kernels import library
+
+        return library.cayley_neumann_backward(packed, grad_blocks, block_size, neumann_terms)
+    if neumann_terms is None:
+        with torch.enable_grad():
+            leaf = packed.detach().requires_grad_()
+            return torch.autograd.grad(cayley_neumann(leaf, block_size, None), leaf, grad_blocks)[0]
+    with torch.no_grad():
+        q = skew_from_packed(packed, block_size)
+        q2 = torch.bmm(q, q)
+        pairs = _neumann_pairs(neumann_terms)
+        top_a, top_c = pairs.pop()
+        grad = grad_blocks.to(q.dtype)
+        d_q, d_q2 = torch.zeros_like(q), torch.zeros_like(q)
+        if top_c:
+            series = [_PlusIdentity.apply(q * top_c, top_a)]
+            top = (top_c, False)
+        else:
+            a, c = pairs.pop()
+            series = [_PlusIdentity.apply(torch.add(q2, q, alpha=c), a)]
+            top = (c, True)
+        for a, c in reversed(pairs):  # the forward's steps, keeping each step's input
+            series.append(torch.baddbmm(_PlusIdentity.apply(q * c, a), q2, series[-1]))
+        for (a, c), previous in zip(pairs, reversed(series[:-1])):  # backwards through the steps
+            d_q.add_(grad, alpha=c)
+            d_q2.baddbmm_(grad, previous.transpose(1, 2))
+            grad = torch.bmm(q2, grad)
+        c, folded = top
+        d_q.add_(grad, alpha=c)
+        if folded:
+            d_q2.add_(grad)
+        m = d_q2.add_(d_q2.transpose(1, 2).clone()).mul_(0.5)
+        mq = torch.bmm(m, q)
+        d_q.add_(mq.transpose(1, 2)).sub_(mq)
+        upper, lower = _flat_indices(block_size, q.device)
+        flat = d_q.view(d_q.shape[0], -1)
+        return flat.index_select(1, upper) - flat.index_select(1, lower)
 
 
 class _PlusIdentity(torch.autograd.Function):

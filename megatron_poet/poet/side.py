@@ -16,14 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cayley import cayley_neumann, num_skew_params, orthogonality_error
+from .cayley import cayley_neumann, cayley_neumann_vjp, num_skew_params, orthogonality_error
 from .config import POETConfig
 from .rotation import inverse_permutation, times_inverse_transpose
 
 
 class CayleyNeumannBlocks(torch.autograd.Function):
-    """``blocks = side.build_blocks(skew)`` saving only ``skew``: backward rebuilds the series' graph
-    (its intermediates are never kept between forward and backward)."""
+    """``blocks = side.build_blocks(skew)`` saving only ``skew``: backward differentiates the series from
+    ``skew`` (:meth:`OrthogonalSide.skew_gradient`; its intermediates are never kept between forward and backward)."""
 
     @staticmethod
     def forward(ctx, skew, side):
@@ -34,11 +34,7 @@ class CayleyNeumannBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_blocks):
         (skew,) = ctx.saved_tensors
-        leaf = skew.detach().requires_grad_()
-        with torch.enable_grad():
-            graph = ctx.side.build_blocks(leaf)
-        (grad_skew,) = torch.autograd.grad(graph, leaf, grad_blocks.to(graph.dtype))
-        return grad_skew, None
+        return ctx.side.skew_gradient(skew, grad_blocks), None
 
 
 class OrthogonalSide(nn.Module):
@@ -113,6 +109,14 @@ class OrthogonalSide(nn.Module):
             g = cayley_neumann(skew.to(build), self.block_size, self.neumann_terms)
         return g if dtype is None else g.to(dtype)
 
+    def skew_gradient(self, skew: torch.Tensor, grad_blocks: torch.Tensor) -> torch.Tensor:
+        """``dL/dskew`` (``skew``'s dtype) of :meth:`build_blocks` ``(skew)`` given ``dL/dG`` ``(n, b, b)``: the
+        series differentiated in the build dtype without rebuilding its graph (:func:`.cayley.cayley_neumann_vjp`)."""
+        build = torch.promote_types(skew.dtype, torch.float32)
+        with torch.profiler.record_function("poet::cayley_neumann_backward"):
+            grad = cayley_neumann_vjp(skew.detach().to(build), self.block_size, self.neumann_terms, grad_blocks.to(build))
+        return grad.to(skew.dtype)
+
     def blocks(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """This side's blocks ``(n, b, b)`` (see :meth:`build_blocks`)."""
         return self.build_blocks(self.skew, dtype)
@@ -159,10 +163,9 @@ class OrthogonalSide(nn.Module):
         if self.gradient_from_output:  # the passes delivered dL/dG G^T (defers_inverse), with G rounded as they
             grad = times_inverse_transpose(grad, blocks.detach().to(self.skew.dtype))  # rotated: the params' dtype
         self._step_blocks = None  # the step's forward passes are over
-        with torch.profiler.record_function("poet::cayley_neumann_backward"):
-            with torch.enable_grad():  # (backward runs without grad mode) one pass through the series
-                graph = self.build_blocks(self.skew)
-            torch.autograd.backward(graph, grad.to(graph.dtype))
+        grad_skew = self.skew_gradient(self.skew, grad)  # one pass through the series
+        with torch.enable_grad():  # (backward runs without grad mode) through autograd, so that the parameter's
+            torch.autograd.backward(self.skew.view_as(self.skew), grad_skew)  # gradient hooks run as usual
 
     @torch.no_grad()
     def restart(self, perm: torch.Tensor) -> None:
