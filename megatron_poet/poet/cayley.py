@@ -92,7 +92,7 @@ def cayley_neumann_from_skew(q: torch.Tensor, neumann_terms: int | None) -> torc
     ``neumann_terms=k >= 1`` evaluates ``(I + Q)(I + Q + ... + Q^k) = I + 2(Q + ... + Q^k) + Q^(k+1)``
     as a polynomial in ``Q^2`` whose coefficients are ``a I + c Q``, by Horner's rule in ``Q^2``:
     ``floor(k/2) + 1`` batched matmuls (k=3: ``(I + 2Q) + Q^2 (2I + 2Q + Q^2)``, 2) where Horner's rule
-    in ``Q`` takes ``k + 1``; the series' backward halves with it. ``neumann_terms=None`` is the exact
+    in ``Q`` takes ``k``; the series' backward halves with it. ``neumann_terms=None`` is the exact
     Cayley transform ``(I - Q)^-1 (I + Q)`` (the two factors commute), for reference.
     """
     if neumann_terms is None:
