@@ -121,7 +121,8 @@ class _RecomputedPOETLinear(torch.autograd.Function):
         if ctx.save_output:  # P's block gradient from y: neither the rotation nor the GEMM is recomputed
             used = blocks_out.to(x.dtype)
             grad_h, outer = output_side_grads(grad_y, used, perm_out, out_side.segment, y=y)
-            grad_out = _block_grad(outer if ctx.deferred else times_inverse_transpose(outer, used), blocks_out, needs[5])
+            grad_p = outer if ctx.deferred else times_inverse_transpose(outer, used)
+            grad_out = _block_grad(grad_p, blocks_out, needs[5])
         elif out_side is not None:
             z, x_perm = input_rotation(x, perm_in, g_r, in_side.segment)
             h = frozen_gemm(comm.forward(z) if comm else z, frozen_weight, ctx.gemm)

@@ -114,7 +114,8 @@ class OrthogonalSide(nn.Module):
         series differentiated in the build dtype without rebuilding its graph (:func:`.cayley.cayley_neumann_vjp`)."""
         build = torch.promote_types(skew.dtype, torch.float32)
         with torch.profiler.record_function("poet::cayley_neumann_backward"):
-            grad = cayley_neumann_vjp(skew.detach().to(build), self.block_size, self.neumann_terms, grad_blocks.to(build))
+            grad = cayley_neumann_vjp(skew.detach().to(build), self.block_size, self.neumann_terms,
+                                      grad_blocks.to(build))
         return grad.to(skew.dtype)
 
     def blocks(self, dtype: torch.dtype | None = None) -> torch.Tensor:
