@@ -339,10 +339,11 @@ class POETColumnParallelLinear(_POETParallelLinear):
         self._check_ready(input_, self.input_size)
         # Without a bias the consumer (attention, SwiGLU) keeps y anyway: saving it costs nothing (and in "mem"
         # mode spares the backward the recomputed rotation, all-gather and GEMM).
+        save_output = self.output_side.gradient_from_output
         if self._recompute():
             comm = _ReplicatedInputComm(self.tp_group, self.sequence_parallel) if self.tp_comm else None
             y = recomputed_poet_linear(input_, self.frozen_weight, self.input_side, self.output_side, comm=comm,
-                                       gemm=self.frozen_gemm(), save_output=self.bias is None)
+                                       gemm=self.frozen_gemm(), save_output=save_output)
         else:
             z = rotate_input(input_, self.input_side)
             if self.sequence_parallel:
@@ -350,7 +351,7 @@ class POETColumnParallelLinear(_POETParallelLinear):
             elif self.tp_comm:
                 z = _ContiguousGrad.apply(compat.copy_to_tensor_model_parallel_region(z, group=self.tp_group))
             y = rotate_output(frozen_linear(z, self.frozen_weight, self.frozen_gemm()), self.output_side,
-                              save_output=self.bias is None)
+                              save_output=save_output)
         y, bias = self._bias_output(y)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather and self.tp_size > 1:

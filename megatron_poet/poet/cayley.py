@@ -100,17 +100,7 @@ def cayley_neumann_from_skew(q: torch.Tensor, neumann_terms: int | None) -> torc
         return torch.linalg.solve(eye - q, eye + q)
     if neumann_terms < 1:
         raise ValueError(f"neumann_terms must be >= 1 (k=0 diverges in the paper), got {neumann_terms}")
-    pairs = _neumann_pairs(neumann_terms)
-    q2 = torch.bmm(q, q)
-    top_a, top_c = pairs.pop()
-    if top_c:
-        series = _PlusIdentity.apply(q * top_c, top_a)
-    else:  # the top coefficient is I (Q^(k+1)'s is 1): fold it into the next one without a matmul
-        a, c = pairs.pop()
-        series = _PlusIdentity.apply(torch.add(q2, q, alpha=c), a)
-    for a, c in reversed(pairs):
-        series = torch.baddbmm(_PlusIdentity.apply(q * c, a), q2, series)
-    return series
+    return _horner_steps(q, torch.bmm(q, q), neumann_terms)[0][-1]
 
 
 def _neumann_pairs(neumann_terms: int) -> list[tuple[int, int]]:
@@ -118,6 +108,22 @@ def _neumann_pairs(neumann_terms: int) -> list[tuple[int, int]]:
     coefficients = [1] + [2] * neumann_terms + [1]  # of Q^0 .. Q^(k+1)
     return [(coefficients[i], coefficients[i + 1] if i + 1 < len(coefficients) else 0)
             for i in range(0, len(coefficients), 2)]
+
+
+def _horner_steps(q: torch.Tensor, q2: torch.Tensor, neumann_terms: int):
+    """The evaluation of :func:`cayley_neumann_from_skew`: ``(steps, pairs, (c_top, folded))`` with ``steps``
+    every Horner value (the last is ``G``), ``pairs`` the ``(a, c)`` the later steps added (applied last to
+    first), and the first value's ``Q`` coefficient and whether it holds ``Q^2``."""
+    pairs = _neumann_pairs(neumann_terms)
+    top_a, top_c = pairs.pop()
+    if top_c:
+        steps, top = [_PlusIdentity.apply(q * top_c, top_a)], (top_c, False)
+    else:  # the top coefficient is I (Q^(k+1)'s is 1): fold it into the next one without a matmul
+        a, c = pairs.pop()
+        steps, top = [_PlusIdentity.apply(torch.add(q2, q, alpha=c), a)], (c, True)
+    for a, c in reversed(pairs):
+        steps.append(torch.baddbmm(_PlusIdentity.apply(q * c, a), q2, steps[-1]))
+    return steps, pairs, top
 
 
 def cayley_neumann_vjp(packed: torch.Tensor, block_size: int, neumann_terms: int | None,
@@ -143,25 +149,14 @@ def cayley_neumann_vjp(packed: torch.Tensor, block_size: int, neumann_terms: int
     with torch.no_grad():
         q = skew_from_packed(packed, block_size)
         q2 = torch.bmm(q, q)
-        pairs = _neumann_pairs(neumann_terms)
-        top_a, top_c = pairs.pop()
+        series, pairs, (c_top, folded) = _horner_steps(q, q2, neumann_terms)
         grad = grad_blocks.to(q.dtype)
         d_q, d_q2 = torch.zeros_like(q), torch.zeros_like(q)
-        if top_c:
-            series = [_PlusIdentity.apply(q * top_c, top_a)]
-            top = (top_c, False)
-        else:
-            a, c = pairs.pop()
-            series = [_PlusIdentity.apply(torch.add(q2, q, alpha=c), a)]
-            top = (c, True)
-        for a, c in reversed(pairs):  # the forward's steps, keeping each step's input
-            series.append(torch.baddbmm(_PlusIdentity.apply(q * c, a), q2, series[-1]))
         for (a, c), previous in zip(pairs, reversed(series[:-1])):  # backwards through the steps
             d_q.add_(grad, alpha=c)
             d_q2.baddbmm_(grad, previous.transpose(1, 2))
             grad = torch.bmm(q2, grad)
-        c, folded = top
-        d_q.add_(grad, alpha=c)
+        d_q.add_(grad, alpha=c_top)
         if folded:
             d_q2.add_(grad)
         m = d_q2.add_(d_q2.transpose(1, 2).clone()).mul_(0.5)
